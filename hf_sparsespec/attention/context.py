@@ -1,0 +1,73 @@
+"""Per-step attention metadata, published by the runner and read inside the model's layers.
+
+The HF model runs unmodified on a packed batch of shape ``(1, T)``; its layers know nothing about
+requests. The runner therefore publishes, for the duration of one forward, what the paged cache and
+the attention function need: where each token's K/V goes, and which cached positions each row may
+attend to. A module-level slot (as in nano-vllm) keeps this out of the model's call signature.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+if TYPE_CHECKING:
+    from ..cache.paged_cache import PagedKVCache
+
+
+@dataclass
+class StepContext:
+    """Metadata of one packed forward. Rows are contiguous runs of tokens of one request.
+
+    Row kinds: a *full* row (prefill chunk, verification, or a draft before the request's first
+    verification) attends causally to its whole cache; a *draft* row attends to its request's
+    selected positions plus every position from ``tail_start`` on. Verification rows additionally
+    write PillarAttn scores.
+
+    Shapes: ``T`` packed tokens, ``R`` rows, ``S`` request slots, ``L`` layers, ``H`` KV heads.
+    """
+
+    cache: "PagedKVCache"
+    slot_mapping: torch.Tensor  # [T] int64: pool slot that receives each token's K/V (-1: padding, skip)
+    q_start: torch.Tensor  # [R] int32: first packed token of each row
+    q_len: torch.Tensor  # [R] int32: tokens in each row (0 for padding rows)
+    kv_len: torch.Tensor  # [R] int32: cached positions of the row's request after this step's write
+    block_tables: torch.Tensor  # [R, max_pages] int32: the request's pages, -1 past its end
+    is_draft: torch.Tensor  # [R] bool: sparse row
+    tail_start: torch.Tensor  # [R] int32: a draft row sees every position >= this
+    sel_slot: torch.Tensor  # [R] int64: the row's request slot in `selection` / `sel_count`
+    selection: torch.Tensor  # [S, L, H, K] int32: selected positions, each < tail_start; -1 padding
+    sel_count: torch.Tensor  # [S] int32: valid entries of each slot's selection
+    score_row: torch.Tensor  # [R] int64: row of `scores` a verification row writes, -1 for none
+    scores: torch.Tensor | None  # [V, L, H, max_kv] float32 PillarAttn scores, or None
+    max_kv_len: int  # an upper bound of kv_len, known on the host without a sync
+    use_triton: bool = False
+
+    @property
+    def num_rows(self) -> int:
+        return self.q_len.shape[0]
+
+
+_current: StepContext | None = None
+
+
+def get_step_context() -> StepContext:
+    if _current is None:
+        raise RuntimeError(
+            "The 'sparsespec' attention and PagedKVCache run only inside a SparseSpec engine step. "
+            "Generate with `model.generate(..., custom_generate='sparsespec')` instead of calling the model directly."
+        )
+    return _current
+
+
+@contextmanager
+def step_context(ctx: StepContext) -> Iterator[StepContext]:
+    global _current
+    previous, _current = _current, ctx
+    try:
+        yield ctx
+    finally:
+        _current = previous

@@ -1,0 +1,64 @@
+"""Which cached tokens a request's next drafts attend to, chosen after each verification.
+
+Every policy is written as a priority over positions: the ``count`` highest-priority positions
+among ``[0, old_len)`` are selected (positions from ``old_len`` on form the tail that drafts always
+see). ``+inf`` forces a position in, ``-inf`` keeps it out.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SINK_TOKENS = 4  # "window": StreamingLLM's attention sinks
+PILLAR_POOL = 7  # "pillar": scores max-pooled over this many neighbouring positions
+PILLAR_RECENT_FRACTION = 0.5  # "pillar": share of the budget given to the most recent positions
+
+
+def selection_priority(scores: torch.Tensor, old_len: torch.Tensor, count: torch.Tensor, policy: str) -> torch.Tensor:
+    """Priority of each position, [V, L, H, N] float32, -inf at and past ``old_len``.
+
+    Args:
+        scores: [V, L, H, N] PillarAttn scores of the verification rows.
+        old_len: [V] positions below this are candidates.
+        count: [V] how many will be selected.
+        policy: "paper", "window" or "pillar".
+    """
+    n = scores.shape[-1]
+    positions = torch.arange(n, device=scores.device)
+    candidate = positions[None, :] < old_len[:, None]  # [V, N]
+    if policy == "paper":
+        priority = scores.clone()
+    elif policy == "window":
+        priority = positions.to(torch.float32).expand_as(scores).clone()
+        priority[..., :SINK_TOKENS] = float("inf")
+    elif policy == "pillar":
+        pooled = F.max_pool1d(scores.flatten(0, 2).unsqueeze(1), PILLAR_POOL, stride=1, padding=PILLAR_POOL // 2)
+        priority = pooled.view_as(scores).clone()
+        recent = torch.floor(count.to(torch.float32) * PILLAR_RECENT_FRACTION).long()
+        forced = (positions[None, :] >= (old_len - recent)[:, None]) & candidate
+        priority = priority.masked_fill(forced[:, None, None, :], float("inf"))
+    else:
+        raise ValueError(f"unknown selection policy {policy!r}")
+    return priority.masked_fill(~candidate[:, None, None, :], float("-inf"))
+
+
+def select_tokens(
+    scores: torch.Tensor, old_len: torch.Tensor, count: torch.Tensor, policy: str, width: int
+) -> torch.Tensor:
+    """Selected positions per (request, layer, KV head): [V, L, H, width] int32, ascending, -1 padded.
+
+    ``count[v] <= min(old_len[v], width)`` entries of row ``v`` are valid.
+    """
+    priority = selection_priority(scores, old_len, count, policy)
+    k = min(width, priority.shape[-1])
+    top = torch.topk(priority, k, dim=-1, sorted=True).indices  # best first
+    rank_ok = torch.arange(k, device=scores.device)[None, :] < count[:, None]  # [V, k]
+    # Ascending positions read the pool in order; -1 padding goes last.
+    big = torch.iinfo(torch.int32).max
+    chosen = top.masked_fill(~rank_ok[:, None, None, :], big).to(torch.int64)
+    chosen = torch.sort(chosen, dim=-1).values
+    chosen = chosen.masked_fill(chosen == big, -1).to(torch.int32)
+    if k < width:
+        chosen = F.pad(chosen, (0, width - k), value=-1)
+    return chosen

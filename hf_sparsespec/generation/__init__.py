@@ -1,0 +1,5 @@
+"""The SparseSpec decoding strategy."""
+
+from .strategy import SparseSpecOutput, generate
+
+__all__ = ["SparseSpecOutput", "generate"]

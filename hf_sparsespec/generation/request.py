@@ -1,0 +1,74 @@
+"""One prompt's decoding state as the host sees it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from ..cache.paged_cache import HostKV
+
+
+class RowKind(Enum):
+    PREFILL = "prefill"
+    DRAFT = "draft"
+    VERIFY = "verify"
+
+
+@dataclass
+class Request:
+    """Host-side state of one sequence.
+
+    Positions ``[0, num_cached)`` hold full-attention KV. The round's first token (the last committed
+    one, "t0") sits at position ``num_cached`` and lives on the device, as do the drafts after it.
+    """
+
+    index: int  # row of the caller's batch
+    prompt: list[int]  # without padding
+    hf_prefix: torch.Tensor  # the padded prompt row, as transformers' processors and criteria see it
+    max_new_tokens: int
+    slot: int | None = None  # engine slot: device buffers for tokens, draft probabilities, selection
+    generated: list[int] = field(default_factory=list)
+    prefilled: int = 0
+    num_cached: int = 0
+    round_len: int = 0  # drafts planned in this round
+    drafted: int = 0  # drafts already launched in this round
+    tail_start: int = 0  # drafts always see positions >= this
+    has_selection: bool = False
+    waiting: bool = False  # results of its last commit are still on their way to the host
+    finished: bool = False
+    offloaded: HostKV | None = None
+    scores: list[torch.Tensor] = field(default_factory=list)  # processed scores per generated token, if asked
+    logits: list[torch.Tensor] = field(default_factory=list)  # raw logits per generated token, if asked
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.prefilled == len(self.prompt)
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - len(self.generated)
+
+    @property
+    def kv_written(self) -> int:
+        """Positions whose KV exists in the pool (committed or drafted)."""
+        if not self.prefill_done:
+            return self.prefilled
+        return self.num_cached + self.drafted
+
+    def next_row(self) -> tuple[RowKind, int]:
+        """Kind and token count of this request's next forward row."""
+        if not self.prefill_done:
+            return RowKind.PREFILL, len(self.prompt) - self.prefilled
+        if self.drafted < self.round_len:
+            return RowKind.DRAFT, 1
+        return RowKind.VERIFY, self.round_len + 1
+
+    def kv_after(self, kind: RowKind, n_tokens: int) -> int:
+        """Cache length the row's request has after the row's K/V is written."""
+        if kind is RowKind.PREFILL:
+            return self.prefilled + n_tokens
+        if kind is RowKind.DRAFT:
+            return self.num_cached + self.drafted + 1
+        return self.num_cached + self.round_len + 1

@@ -1,0 +1,140 @@
+"""Decides, each iteration, which requests run which row, and where their KV lives.
+
+Admission is continuous (a call may hold more prompts than ``max_batch_size``), rounds are
+staggered over draft phases so verification rows spread evenly over iterations (the paper's unified
+scheduler), and when the pool runs out whole requests move to host memory rather than failing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass
+
+from ..cache.paged_cache import OutOfPages, PagedKVCache
+from ..config import SparseSpecConfig
+from .request import Request, RowKind
+
+
+@dataclass
+class Row:
+    request: Request
+    kind: RowKind
+    num_tokens: int
+
+
+class KVPoolTooSmall(MemoryError):
+    pass
+
+
+class Scheduler:
+    def __init__(self, config: SparseSpecConfig, cache: PagedKVCache, num_slots: int) -> None:
+        self.config = config
+        self.cache = cache
+        self.queue: deque[Request] = deque()
+        self.active: list[Request] = []  # admission order
+        self.free_slots = list(range(num_slots - 1, -1, -1))
+        self.num_offloads = 0
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    def add(self, requests: list[Request]) -> None:
+        self.queue.extend(requests)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.queue or self.active)
+
+    def finish(self, request: Request) -> None:
+        """A finished request gives back its pages and slot at once."""
+        request.finished = True
+        self.cache.release(request.index)
+        request.offloaded = None
+        self.active.remove(request)
+        self.free_slots.append(request.slot)
+
+    def start_round(self, request: Request, first: bool) -> None:
+        """Set the number of drafts before the request's next verification."""
+        longest = min(self.config.draft_len, request.remaining - 1) if self.config.speculate else 0
+        length = longest
+        if first and self.config.unified_schedule and longest > 0:
+            # Stagger: join the least crowded "iterations until verification" bucket (ties: more drafts).
+            load = Counter(r.round_len - r.drafted for r in self.active if r is not request and r.prefill_done)
+            length = min(range(longest, -1, -1), key=lambda v: load[v])
+        request.round_len, request.drafted = length, 0
+
+    # ---- planning ----------------------------------------------------------------------------
+    def plan(self) -> list[Row]:
+        """Rows of the next forward, with their pages reserved."""
+        self._restore_offloaded()
+        self._admit()
+        rows: list[Row] = []
+        prefill_tokens = 0
+        for request in list(self.active):
+            if request.waiting or request.offloaded is not None:
+                continue
+            kind, n = request.next_row()
+            if kind is RowKind.PREFILL:
+                n = min(n, self.config.prefill_chunk - prefill_tokens)
+                if n <= 0:
+                    continue
+            if not self._reserve(request, request.kv_after(kind, n), rows):
+                continue
+            if kind is RowKind.PREFILL:
+                prefill_tokens += n
+            rows.append(Row(request, kind, n))
+        if not rows and not any(r.waiting for r in self.active) and self.active:
+            raise KVPoolTooSmall(self._too_small_message())
+        return rows
+
+    def _admit(self) -> None:
+        if any(r.offloaded is not None for r in self.active):
+            return  # offloaded requests resume first
+        while self.queue and self.free_slots:
+            request = self.queue[0]
+            first_chunk = min(len(request.prompt), self.config.prefill_chunk)
+            needed = self.cache.pages_for(first_chunk + self.config.draft_len + 1)
+            if self.active and self.cache.allocator.num_free < needed:
+                return
+            self.queue.popleft()
+            request.slot = self.free_slots.pop()
+            self.active.append(request)
+
+    def _restore_offloaded(self) -> None:
+        for request in self.active:
+            saved = request.offloaded
+            if saved is None:
+                continue
+            headroom = self.cache.pages_for(saved.length + self.config.draft_len + 1)
+            if self.cache.allocator.num_free < headroom:
+                return  # keep FIFO order among offloaded requests
+            self.cache.restore(request.index, saved)
+            request.offloaded = None
+
+    def _reserve(self, request: Request, length: int, planned: list[Row]) -> bool:
+        while True:
+            try:
+                self.cache.reserve(request.index, length)
+                return True
+            except OutOfPages:
+                victim = self._pick_victim(request, planned) if self.config.offload else None
+                if victim is None:
+                    if not self.config.offload and not planned and not any(r.waiting for r in self.active):
+                        raise KVPoolTooSmall(self._too_small_message()) from None
+                    return False
+                request_len = victim.kv_written
+                victim.offloaded = self.cache.offload(victim.index, request_len)
+                self.num_offloads += 1
+
+    def _pick_victim(self, request: Request, planned: list[Row]) -> Request | None:
+        in_plan = {id(row.request) for row in planned}
+        candidates = [
+            r
+            for r in self.active
+            if r is not request and not r.waiting and r.offloaded is None and id(r) not in in_plan and self.cache.pages(r.index)
+        ]
+        return candidates[-1] if candidates else None  # the latest admitted goes first
+
+    def _too_small_message(self) -> str:
+        return (
+            f"The KV pool ({self.cache.num_pages} pages of {self.cache.page_size} tokens) cannot hold even one request "
+            "of this call. Pass a larger `kv_pool_tokens` (or `kv_memory_fraction`), or shorten the prompt or `max_new_tokens`."
+        )
