@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random models of several architectures and the bundled trained model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import hf_sparsespec  # noqa: F401  (registers the attention function and the custom_generate name)
+
+BENCH_MODEL = Path(hf_sparsespec.__file__).parent / "models" / "bench-code-lm"
+PACKAGE_DIR = Path(hf_sparsespec.__file__).parent
+
+TINY_CONFIGS = {
+    "llama": dict(model_type="llama"),
+    "mistral": dict(model_type="mistral", sliding_window=None),
+    "qwen2": dict(model_type="qwen2", use_sliding_window=False),
+    "qwen3": dict(model_type="qwen3", use_sliding_window=False, head_dim=16),
+}
+
+
+def tiny_model(arch: str, seed: int = 0, vocab_size: int = 256, dtype: torch.dtype = torch.float32, **overrides):
+    """A 2-layer GQA model with random weights; fixed seed so failures reproduce."""
+    spec = dict(TINY_CONFIGS[arch])
+    model_type = spec.pop("model_type")
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **{**spec, **overrides},
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    # Random init gives near-uniform logits; sharper ones make greedy ties (and flaky comparisons) rare.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def bench_model():
+    return AutoModelForCausalLM.from_pretrained(BENCH_MODEL, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def bench_tokenizer():
+    tok = AutoTokenizer.from_pretrained(BENCH_MODEL)
+    tok.padding_side = "left"
+    return tok
+
+
+def code_prompts(tokenizer, num_tokens: int, count: int) -> list[str]:
+    """Held-out code: this project's own sources (written after the bench model was trained)."""
+    sources = sorted(PACKAGE_DIR.rglob("*.py"))
+    text = "\n\n".join(p.read_text() for p in sources)
+    ids = tokenizer(text).input_ids
+    step = max(1, (len(ids) - num_tokens) // max(count, 1))
+    return [tokenizer.decode(ids[i * step : i * step + num_tokens]) for i in range(count)]
