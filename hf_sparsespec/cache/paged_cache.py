@@ -51,6 +51,9 @@ class PagedKVCache(Cache):
         self.values = torch.zeros(shape, dtype=dtype, device=self.device)
         self.allocator = PageAllocator(num_pages)
         self._pages: dict[int, list[int]] = {}
+        # Bumped whenever a request's page list is dropped, so mirrors of it (the engine's device
+        # page table) know to resend it rather than diff it.
+        self._epoch: dict[int, int] = {}
 
     # ---- transformers' Cache interface -------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -125,8 +128,12 @@ class PagedKVCache(Cache):
             del pages[keep:]
 
     def release(self, seq_id: int) -> None:
-        """Return every page of a finished request."""
+        """Return every page of a finished (or offloaded) request."""
         self.allocator.release(self._pages.pop(seq_id, []))
+        self._epoch[seq_id] = self._epoch.get(seq_id, 0) + 1
+
+    def epoch(self, seq_id: int) -> int:
+        return self._epoch.get(seq_id, 0)
 
     def slots(self, seq_id: int, positions: torch.Tensor) -> torch.Tensor:
         """Pool slots of the given positions of one request."""

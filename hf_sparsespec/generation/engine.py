@@ -12,9 +12,18 @@ from ..attention.selection import select_tokens
 from ..cache.paged_cache import PagedKVCache
 from ..config import SparseSpecConfig
 from .request import Request, RowKind
-from .runner import ModelRunner, StepBuilder
+from .runner import ModelRunner, SlotPageTable, build_host_step
+from .upload import upload
 from .sampling import LogitsPlan, PositionState, verify_drafts
 from .scheduler import Row, Scheduler
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @dataclass
@@ -59,7 +68,12 @@ class StepResults:
 
 
 class Engine:
-    """Runs SparseSpec for a batch of requests over one model and one paged cache."""
+    """Runs SparseSpec for a batch of requests over one model and one paged cache.
+
+    Device state per slot: ``round_tokens`` (the round's first token and its drafts), the draft
+    distributions, and the PillarAttn selection. The host never reads a draft token: it learns a
+    request's tokens only when they are committed, one iteration later (delayed verification).
+    """
 
     def __init__(self, model: torch.nn.Module, config: SparseSpecConfig, cache: PagedKVCache, num_slots: int, max_context: int):
         self.model, self.config, self.cache = model, config, cache
@@ -74,9 +88,19 @@ class Engine:
         self.sel_count = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.num_slots = num_slots
         self.max_context = max_context
-        self.builder = StepBuilder(cache, self.round_tokens, self.selection, self.sel_count)
-        self.runner = ModelRunner(model, cache)
-        self.use_triton = bool(config.use_triton) and device.type == "cuda"
+        on_cuda = device.type == "cuda"
+        use_triton = on_cuda and config.use_triton is not False and _triton_available()
+        use_graphs = use_triton and config.use_cuda_graphs is not False
+        if config.use_triton and not use_triton:
+            raise ValueError("use_triton=True needs a CUDA device with Triton installed; leave it unset to pick automatically.")
+        if config.use_cuda_graphs and not use_graphs:
+            raise ValueError("use_cuda_graphs=True needs CUDA and the Triton kernels; leave it unset to pick automatically.")
+        # Rounds may overshoot the committed length by a full draft before their pages are trimmed.
+        self.page_table = SlotPageTable(cache, num_slots, cache.pages_for(max_context + k + 1))
+        self.runner = ModelRunner(
+            model, cache, self.round_tokens, self.selection, self.sel_count, self.page_table,
+            max_context + k + 1, use_triton, use_graphs,
+        )
 
     # ---- one generate call -------------------------------------------------------------------
     def run(
@@ -134,63 +158,42 @@ class Engine:
 
     # ---- device side -------------------------------------------------------------------------
     def _launch(self, rows: list[Row]) -> StepResults:
-        speculate = self.config.speculate
-        step = self.builder.build(rows, with_scores=speculate, use_triton=self.use_triton)
+        """Queue one iteration on the device: forward, sampling, verification, selection."""
+        device = self.cache.device
+        k = self.config.draft_len
+        step = build_host_step(rows, self.cache, k + 1, with_scores=self.config.speculate)
         for row in rows:
             if row.kind is RowKind.PREFILL and row.request.prefilled == 0 and self.presence is not None:
                 self._init_presence(row.request)
-        logits = self.runner.forward(step)
-        scores = self.plan.apply(logits, self._position_state(rows, step.logits_start, logits.shape[0]))
+        index = self._step_indices(rows, step)
+        logits, attn_scores = self.runner.run(step, rows)
+        scores = self.plan.apply(logits, self._position_state(index))
         self.stats.num_forward_passes += 1
 
-        single, single_rows = [], []  # positions sampled directly: drafts and ends of prefill
-        verify_rows = []
-        for i, row in enumerate(rows):
-            if row.kind is RowKind.VERIFY:
-                verify_rows.append(i)
-            elif step.logits_start[i] >= 0:
-                single.append(step.logits_start[i])
-                single_rows.append(i)
-        width = self.config.draft_len + 1
-        commit_rows: list[int] = []
         commit_tokens: list[torch.Tensor] = []
         commit_accepted: list[torch.Tensor] = []
-        kept_scores: list[torch.Tensor | None] = []
-        kept_logits: list[torch.Tensor | None] = []
-        device = self.cache.device
-
-        if single:
-            index = torch.tensor(single, device=device)
-            tokens, probs = self.plan.pick(scores[index])
-            slots = torch.tensor([rows[i].request.slot for i in single_rows], device=device)
-            cols = torch.tensor(
-                [rows[i].request.drafted + 1 if rows[i].kind is RowKind.DRAFT else 0 for i in single_rows], device=device
-            )
-            self.round_tokens[slots, cols] = tokens
-            is_draft = [rows[i].kind is RowKind.DRAFT for i in single_rows]
-            if probs is not None and any(is_draft):
-                sel = torch.tensor(is_draft, device=device)
-                self.draft_probs[slots[sel], cols[sel] - 1] = probs[sel]
-            if self.presence is not None and not all(is_draft):
-                committed = torch.tensor([not d for d in is_draft], device=device)
-                self._mark_present(slots[committed], tokens[committed][:, None])
-            for j, i in enumerate(single_rows):
-                if not is_draft[j]:
-                    commit_rows.append(i)
-                    commit_tokens.append(torch.nn.functional.pad(tokens[j : j + 1, None], (0, width - 1), value=-1))
-                    commit_accepted.append(torch.zeros(1, dtype=torch.long, device=device))
-                    kept_scores.append(scores[single[j] : single[j] + 1] if self.keep_scores else None)
-                    kept_logits.append(logits[single[j] : single[j] + 1] if self.keep_logits else None)
-
-        if verify_rows:
-            accepted, tokens = self._verify(rows, verify_rows, step.logits_start, scores, step.context.scores)
-            for j, i in enumerate(verify_rows):
-                commit_rows.append(i)
-                commit_tokens.append(tokens[j : j + 1])
-                commit_accepted.append(accepted[j : j + 1])
-                start, n = step.logits_start[i], rows[i].num_tokens
-                kept_scores.append(scores[start : start + n] if self.keep_scores else None)
-                kept_logits.append(logits[start : start + n] if self.keep_logits else None)
+        commit_positions: list[torch.Tensor] = []  # logits rows of each commit row's tokens (scores/logits output)
+        if index["single_pos"].numel():
+            tokens, probs = self.plan.pick(scores[index["single_pos"]])
+            self.round_tokens[index["single_slot"], index["single_col"]] = tokens
+            if probs is not None and index["draft_of_single"].numel():
+                d = index["draft_of_single"]
+                self.draft_probs[index["single_slot"][d], index["single_col"][d] - 1] = probs[d]
+            c = index["commit_of_single"]
+            if c.numel():
+                first = tokens[c][:, None]
+                if self.presence is not None:
+                    self._mark_present(index["single_slot"][c], first)
+                commit_tokens.append(torch.nn.functional.pad(first, (0, k), value=-1))
+                commit_accepted.append(torch.zeros_like(c))
+                commit_positions.append(index["single_pos"][c][:, None])
+        if index["v_slot"].numel():
+            accepted, tokens = self._verify(index, scores, attn_scores)
+            commit_tokens.append(tokens)
+            commit_accepted.append(accepted)
+            width = int(max(rows[i].num_tokens for i in index["verify_rows"]))
+            offsets = torch.arange(width, device=device)[None, :].clamp(max=index["v_num_drafts"][:, None])
+            commit_positions.append(index["v_start"][:, None] + offsets)
 
         # Host state that does not depend on device results moves on now.
         for row in rows:
@@ -204,89 +207,113 @@ class Engine:
             else:
                 req.waiting = True
                 self.stats.num_verify_steps += 1
+        return self._results(rows, index["commit_rows"], commit_tokens, commit_accepted, commit_positions, scores, logits)
 
-        results = StepResults(rows, commit_rows, torch.zeros(0, width, dtype=torch.long), torch.zeros(0, dtype=torch.long), None)
-        if commit_rows:
-            tokens = torch.cat(commit_tokens)
-            accepted = torch.cat(commit_accepted)
-            if device.type == "cuda":
-                results.tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-                results.accepted = torch.empty(accepted.shape, dtype=accepted.dtype, pin_memory=True)
-                results.tokens.copy_(tokens, non_blocking=True)
-                results.accepted.copy_(accepted, non_blocking=True)
-                results.event = torch.cuda.Event()
-                results.event.record()
+    def _step_indices(self, rows: list[Row], step) -> dict:
+        """Every index the post-processing needs, uploaded in one copy."""
+        lists: dict[str, list[int]] = {
+            name: [] for name in (
+                "single_pos", "single_slot", "single_col", "draft_of_single", "commit_of_single",
+                "v_slot", "v_num_drafts", "v_start", "v_old_len", "v_count",
+                "hf_length", "pos_slot", "pos_extra",
+            )
+        }
+        commit_single, verify_rows = [], []
+        for i, row in enumerate(rows):
+            req, start = row.request, step.logits_start[i]
+            if start < 0:
+                continue
+            done = len(req.generated)
+            if row.kind is RowKind.VERIFY:
+                verify_rows.append(i)
+                lists["v_slot"].append(req.slot)
+                lists["v_num_drafts"].append(req.round_len)
+                lists["v_start"].append(start)
+                lists["v_old_len"].append(req.num_cached)
+                lists["v_count"].append(min(self.config.budget(req.num_cached), self.sel_width))
+                for j in range(row.num_tokens):
+                    lists["hf_length"].append(self.prompt_width + done + j)
+                    lists["pos_slot"].append(req.slot)
+                    lists["pos_extra"].append(j)
+                continue
+            drafts_before = req.drafted if row.kind is RowKind.DRAFT else 0
+            if row.kind is RowKind.DRAFT:
+                lists["draft_of_single"].append(len(lists["single_pos"]))
             else:
-                results.tokens, results.accepted = tokens, accepted
-            results.scores, results.logits = kept_scores, kept_logits
-        return results
+                lists["commit_of_single"].append(len(lists["single_pos"]))
+                commit_single.append(i)
+            lists["single_pos"].append(start)
+            lists["single_slot"].append(req.slot)
+            lists["single_col"].append(drafts_before + 1 if row.kind is RowKind.DRAFT else 0)
+            lists["hf_length"].append(self.prompt_width + done + drafts_before)
+            lists["pos_slot"].append(req.slot)
+            lists["pos_extra"].append(drafts_before)
+        index = upload(lists, self.cache.device)
+        index["verify_rows"] = verify_rows
+        index["commit_rows"] = commit_single + verify_rows
+        index["v_old_len_host"] = lists["v_old_len"]
+        return index
 
-    def _verify(self, rows, verify_rows, logits_start, scores, attn_scores):
+    def _verify(self, index: dict, scores: torch.Tensor, attn_scores: torch.Tensor | None):
         device = self.cache.device
-        k = max(rows[i].request.round_len for i in verify_rows)
-        reqs = [rows[i].request for i in verify_rows]
-        slots = torch.tensor([r.slot for r in reqs], device=device)
-        num_drafts = torch.tensor([r.round_len for r in reqs], device=device)
-        # Gather each row's k+1 target positions into [R, k+1, V]; short rows repeat their last position.
+        k = self.config.draft_len
+        slots, num_drafts = index["v_slot"], index["v_num_drafts"]
+        # Each row's k+1 target positions as [R, k+1, V]; short rows repeat their last position.
         offsets = torch.arange(k + 1, device=device)[None, :].clamp(max=num_drafts[:, None])
-        starts = torch.tensor([logits_start[i] for i in verify_rows], device=device)
-        target = scores[starts[:, None] + offsets]
-        drafts = self.round_tokens[slots, 1 : k + 1]
-        draft_probs = self.draft_probs[slots, :k] if self.draft_probs is not None else None
+        target = scores[index["v_start"][:, None] + offsets]
+        drafts = self.round_tokens[slots, 1:]
+        draft_probs = self.draft_probs[slots] if self.draft_probs is not None else None
         accepted, next_token = verify_drafts(target, drafts, num_drafts, draft_probs, self.plan.do_sample)
-        cols = torch.arange(self.config.draft_len + 1, device=device)[None, :]
-        padded_drafts = torch.nn.functional.pad(drafts, (0, self.config.draft_len + 1 - k), value=-1)
+        cols = torch.arange(k + 1, device=device)[None, :]
+        padded_drafts = torch.nn.functional.pad(drafts, (0, 1), value=-1)
         tokens = torch.where(cols < accepted[:, None], padded_drafts, -1)
         tokens = torch.where(cols == accepted[:, None], next_token[:, None], tokens)
         self.round_tokens[slots, 0] = next_token
         if self.presence is not None:
             self._mark_present(slots, tokens)
         if attn_scores is not None:
-            self._select(reqs, slots, attn_scores)
+            max_old = max(index["v_old_len_host"])
+            chosen = select_tokens(
+                attn_scores[: slots.shape[0], ..., : max(max_old, 1)],
+                index["v_old_len"],
+                index["v_count"],
+                self.config.selection,
+                self.sel_width,
+            )
+            self.selection[slots] = chosen
+            self.sel_count[slots] = index["v_count"].to(torch.int32)
         return accepted, tokens
 
-    def _select(self, reqs: list[Request], slots: torch.Tensor, attn_scores: torch.Tensor) -> None:
-        device = self.cache.device
-        old_len = [r.num_cached for r in reqs]
-        counts = [min(self.config.budget(n), self.sel_width) for n in old_len]
-        chosen = select_tokens(
-            attn_scores,
-            torch.tensor(old_len, device=device),
-            torch.tensor(counts, device=device),
-            self.config.selection,
-            self.sel_width,
-        )
-        self.selection[slots] = chosen
-        self.sel_count[slots] = torch.tensor(counts, dtype=torch.int32, device=device)
+    def _results(self, rows, commit_rows, tokens, accepted, positions, scores, logits) -> StepResults:
+        width = self.config.draft_len + 1
+        results = StepResults(rows, commit_rows, torch.zeros(0, width, dtype=torch.long), torch.zeros(0, dtype=torch.long), None)
+        if not commit_rows:
+            return results
+        packed = torch.cat([torch.cat(accepted)[:, None], torch.cat(tokens)], dim=1)
+        if packed.device.type == "cuda":
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            results.event = torch.cuda.Event()
+            results.event.record()
+        else:
+            host = packed
+        results.accepted, results.tokens = host[:, 0], host[:, 1:]
+        if self.keep_scores or self.keep_logits:
+            for pos in positions:
+                for row_positions in pos:
+                    results.scores.append(scores[row_positions] if self.keep_scores else None)
+                    results.logits.append(logits[row_positions] if self.keep_logits else None)
+        return results
 
-    def _position_state(self, rows: list[Row], logits_start: list[int], num_positions: int) -> PositionState:
-        """HF-view lengths (and token presence) of every logits position."""
-        device = self.cache.device
-        width = self.prompt_width
-        lengths = torch.empty(num_positions, dtype=torch.long)
-        slots, extra = [], []
-        for i, row in enumerate(rows):
-            start = logits_start[i]
-            if start < 0:
-                continue
-            req = row.request
-            if row.kind is RowKind.VERIFY:
-                for j in range(row.num_tokens):
-                    lengths[start + j] = width + len(req.generated) + j
-                    slots.append(req.slot)
-                    extra.append(j)
-            else:
-                drafts_before = req.drafted if row.kind is RowKind.DRAFT else 0
-                lengths[start] = width + len(req.generated) + drafts_before
-                slots.append(req.slot)
-                extra.append(drafts_before)
-        state = PositionState(hf_length=lengths.to(device), prompt_width=width)
+    def _position_state(self, index: dict) -> PositionState:
+        """transformers-view lengths (and token presence) of every logits position."""
+        state = PositionState(hf_length=index["hf_length"], prompt_width=self.prompt_width)
         if self.presence is not None:
-            slot_t = torch.tensor(slots, device=device)
-            presence = self.presence[slot_t].clone()
+            slots = index["pos_slot"]
+            presence = self.presence[slots].clone()
             k = self.config.draft_len
-            drafts = self.round_tokens[slot_t, 1:]
-            in_view = torch.arange(k, device=device)[None, :] < torch.tensor(extra, device=device)[:, None]
+            drafts = self.round_tokens[slots, 1:]
+            in_view = torch.arange(k, device=slots.device)[None, :] < index["pos_extra"][:, None]
             presence.scatter_(1, torch.where(in_view, drafts, self.vocab_size), True)
             state.presence = presence[:, : self.vocab_size]
         return state
