@@ -319,7 +319,7 @@ class Engine:
         return state
 
     def _init_presence(self, request: Request) -> None:
-        ignore = self.plan.repetition_ignore
+        ignore = self.plan.repetition_ignore(request.index)
         row = request.hf_prefix[ignore:].to(self.cache.device)
         self.presence[request.slot] = False
         self.presence[request.slot, row] = True

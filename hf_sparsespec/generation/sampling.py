@@ -56,10 +56,6 @@ class LogitsPlan:
             if isinstance(proc, SCORE_ONLY_PROCESSORS):
                 self.steps.append(proc)
             elif isinstance(proc, lp.RepetitionPenaltyLogitsProcessor):
-                if isinstance(proc.prompt_ignore_length, torch.Tensor):
-                    raise NotImplementedError(
-                        "SparseSpec supports `prompt_ignore_length` of the repetition penalty as an int only."
-                    )
                 self.needs_presence = True
                 self.steps.append(proc)
             elif isinstance(proc, (lp.MinLengthLogitsProcessor, lp.MinNewTokensLengthLogitsProcessor)):
@@ -70,9 +66,18 @@ class LogitsPlan:
                     "drafts. Supported: temperature, top-k, top-p, min-p, typical, epsilon, eta, suppress_tokens, "
                     "repetition_penalty, min_length and min_new_tokens. Drop that option or use plain `generate`."
                 )
-        self.repetition_ignore = next(
-            (int(p.prompt_ignore_length or 0) for p in self.steps if isinstance(p, lp.RepetitionPenaltyLogitsProcessor)), 0
-        )
+        penalties = [p for p in self.steps if isinstance(p, lp.RepetitionPenaltyLogitsProcessor)]
+        if len(penalties) > 1:
+            raise NotImplementedError("SparseSpec supports one repetition penalty processor per call.")
+        self._ignore = getattr(penalties[0], "prompt_ignore_length", None) if penalties else None
+
+    def repetition_ignore(self, row: int) -> int:
+        """Leading tokens of a batch row the repetition penalty skips (newer transformers skip padding)."""
+        if self._ignore is None:
+            return 0
+        if isinstance(self._ignore, torch.Tensor):
+            return int(self._ignore.view(-1)[row])
+        return int(self._ignore)
 
     def apply(self, logits: torch.Tensor, state: PositionState) -> torch.Tensor:
         """Processed float32 scores for logits [N, V]."""
