@@ -95,6 +95,7 @@ class Engine:
             raise ValueError("use_triton=True needs a CUDA device with Triton installed; leave it unset to pick automatically.")
         if config.use_cuda_graphs and not use_graphs:
             raise ValueError("use_cuda_graphs=True needs CUDA and the Triton kernels; leave it unset to pick automatically.")
+        self.copy_stream = torch.cuda.Stream(device) if on_cuda else None
         # Rounds may overshoot the committed length by a full draft before their pages are trimmed.
         self.page_table = SlotPageTable(cache, num_slots, cache.pages_for(max_context + k + 1))
         self.runner = ModelRunner(
@@ -291,10 +292,15 @@ class Engine:
             return results
         packed = torch.cat([torch.cat(accepted)[:, None], torch.cat(tokens)], dim=1)
         if packed.device.type == "cuda":
-            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-            host.copy_(packed, non_blocking=True)
-            results.event = torch.cuda.Event()
-            results.event.record()
+            # The copy runs on a side stream so the next iteration's kernels need not queue behind it.
+            compute = torch.cuda.current_stream(packed.device)
+            self.copy_stream.wait_stream(compute)
+            with torch.cuda.stream(self.copy_stream):
+                host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+                host.copy_(packed, non_blocking=True)
+                packed.record_stream(self.copy_stream)
+                results.event = torch.cuda.Event()
+                results.event.record()
         else:
             host = packed
         results.accepted, results.tokens = host[:, 0], host[:, 1:]

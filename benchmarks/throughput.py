@@ -1,0 +1,276 @@
+"""Side-by-side decode throughput on one GPU: transformers baselines vs our engine's modes.
+
+Run on the accelerator machine (one call, everything side by side):
+
+    PYTHONPATH=. python3 benchmarks/throughput.py --out $OUT
+
+Rows go to ``<out>/throughput.json`` (and .md, .png). Throughput is decode-only: each method runs
+once with ``new_tokens`` and once with a single new token, and the difference is divided into the
+tokens of the first run, so prefill cost (large at 16k contexts) does not blur the step rates.
+End-of-sequence is disabled so every row generates exactly ``new_tokens``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import hf_sparsespec
+from hf_sparsespec.generation import engine as engine_module
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_MODEL = ROOT / "hf_sparsespec" / "models" / "bench-code-lm"
+HBM_BYTES_PER_S = 4.3e12  # measured device-to-device copy rate of the H200 (DESIGN.md section 6)
+
+ENGINE_METHODS = {
+    "nospec": dict(speculate=False),
+    "window": dict(selection="window"),
+    "sparsespec": dict(),
+}
+
+
+class StepTimer:
+    """Times every engine iteration with CUDA events, keyed by what its rows were."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, torch.cuda.Event, torch.cuda.Event, int]] = []
+        self._original = engine_module.Engine._launch
+
+    def __enter__(self) -> "StepTimer":
+        timer = self
+
+        def timed_launch(engine, rows):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = timer._original(engine, rows)
+            end.record()
+            kinds = {row.kind.value for row in rows}
+            kind = kinds.pop() if len(kinds) == 1 else "mixed"
+            kv_read = sum(_kv_read(engine, row) for row in rows)
+            timer.records.append((kind, start, end, kv_read))
+            return out
+
+        engine_module.Engine._launch = timed_launch
+        return self
+
+    def __exit__(self, *exc) -> None:
+        engine_module.Engine._launch = self._original
+
+    def summary(self, bytes_per_token: int, weight_bytes: int) -> dict:
+        torch.cuda.synchronize()
+        out = {}
+        for kind in ("draft", "verify", "mixed"):
+            times = [(s.elapsed_time(e), kv) for k, s, e, kv in self.records if k == kind]
+            if not times:
+                continue
+            ms = sorted(t for t, _ in times)[len(times) // 2]
+            floor_ms = (weight_bytes + sorted(kv for _, kv in times)[len(times) // 2] * bytes_per_token) / HBM_BYTES_PER_S * 1e3
+            out[kind] = {"median_ms": ms, "floor_ms": floor_ms, "steps": len(times)}
+        return out
+
+
+def _kv_read(engine, row) -> int:
+    """KV positions a row reads: the whole context, or the selection plus the tail for a sparse draft."""
+    req = row.request
+    if row.kind.value == "draft" and req.has_selection:
+        return min(engine.config.budget(req.tail_start), engine.sel_width) + (req.num_cached + req.drafted + 1 - req.tail_start)
+    return req.kv_after(row.kind, row.num_tokens)
+
+
+def prompts_for(tokenizer, batch: int, prompt_len: int, seed: int) -> torch.Tensor:
+    """Code prompts cut from this project's own sources (held out from the bench model's training)."""
+    text = "\n\n".join(p.read_text() for p in sorted((ROOT / "hf_sparsespec").rglob("*.py")))
+    text += "\n\n".join(p.read_text() for p in sorted((ROOT / "tests").rglob("*.py")))
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    while ids.numel() < prompt_len + batch:
+        ids = torch.cat([ids, ids])
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - prompt_len, (batch,), generator=g)
+    return torch.stack([ids[s : s + prompt_len] for s in starts.tolist()])
+
+
+def timed_generate(model, ids: torch.Tensor, new_tokens: int, method: str, sampling: dict, extra: dict | None = None) -> tuple[float, dict | None]:
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                  eos_token_id=None, pad_token_id=0, **sampling)
+    if method == "hf_static":
+        kwargs["cache_implementation"] = "static"
+    elif method in ENGINE_METHODS:
+        kwargs.update(custom_generate=hf_sparsespec.generate, return_dict_in_generate=True, prefill_chunk=16384,
+                      **{**ENGINE_METHODS[method], **(extra or {})})
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model.generate(**kwargs)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    stats = getattr(out, "spec_stats", None)
+    sequences = out.sequences if hasattr(out, "sequences") else out
+    assert sequences.shape[1] == ids.shape[1] + new_tokens, "EOS must be disabled for throughput runs"
+    return seconds, stats
+
+
+def measure(model, tag: str, ids: torch.Tensor, method: str, new_tokens: int, sampling: dict, bytes_per_token: int,
+            weight_bytes: int, note: str = "", extra: dict | None = None) -> dict:
+    batch, prompt_len = ids.shape
+    if method == "hf_static":  # first call compiles; keep it out of the timing
+        timed_generate(model, ids, 2, method, sampling)
+    base, _ = timed_generate(model, ids, 1, method, sampling, extra)
+    with StepTimer() as timer:
+        total, stats = timed_generate(model, ids, new_tokens, method, sampling, extra)
+    steps = timer.summary(bytes_per_token, weight_bytes) if method in ENGINE_METHODS else {}
+    decode_s = max(total - base, 1e-9)
+    tokens = batch * (new_tokens - 1)
+    # Plain decoding reads all weights and the whole KV once per token: that floor per token.
+    mean_ctx = prompt_len + new_tokens / 2
+    floor_s = (new_tokens - 1) * (weight_bytes + batch * mean_ctx * bytes_per_token) / HBM_BYTES_PER_S
+    row = {
+        "model": tag,
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "method": method,
+        "tokens_per_s": tokens / decode_s,
+        "mean_accepted": stats["mean_accepted"] if stats and method != "nospec" else None,
+        "ms_per_draft_step": steps.get("draft", {}).get("median_ms"),
+        "ms_per_verify_step": steps.get("verify", {}).get("median_ms"),
+        "ms_per_mixed_step": steps.get("mixed", {}).get("median_ms"),
+        "draft_floor_ms": steps.get("draft", {}).get("floor_ms"),
+        "verify_floor_ms": steps.get("verify", {}).get("floor_ms"),
+        # >1 means faster than plain decoding could ever be at this memory bandwidth.
+        "floor_ratio": floor_s / decode_s,
+        "note": note,
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def random_qwen3_8b(device: str) -> torch.nn.Module:
+    config = AutoConfig.for_model(
+        "qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+        rope_theta=1e6, tie_word_embeddings=False, use_sliding_window=False,
+    )
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def kv_bytes_per_token(model) -> int:
+    c = model.config
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * getattr(c, "head_dim", c.hidden_size // c.num_attention_heads) * 2
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def run_bench(args, rows: list) -> None:
+    model = AutoModelForCausalLM.from_pretrained(BENCH_MODEL, dtype=torch.bfloat16).cuda().eval()
+    tok = AutoTokenizer.from_pretrained(BENCH_MODEL)
+    sampling = dict(do_sample=True, temperature=0.6)
+    bpt, wb = kv_bytes_per_token(model), weight_bytes(model)
+    for context in args.contexts:
+        for batch in args.batches:
+            new = args.new_tokens
+            ids = prompts_for(tok, batch, context - new, seed=batch).cuda()
+            for method in args.methods:
+                n, note = new, ""
+                if method == "hf_eager" and batch * context > 64 * 1024:
+                    n, note = min(new, 64), "fewer new tokens (time limit), same context"
+                if method == "hf_static" and not (batch == max(args.batches) and context == max(args.contexts)) and not args.all_static:
+                    continue  # each static shape compiles for minutes; measured at the headline shape only
+                try:
+                    rows.append(measure(model, "bench-code-lm", ids, method, n, sampling, bpt, wb, note))
+                except Exception as exc:  # a failed baseline must not lose the other rows
+                    print(f"FAILED {method} batch={batch} context={context}: {exc!r}", flush=True)
+            torch.cuda.empty_cache()
+
+
+def run_qwen8b(args, rows: list) -> None:
+    model = random_qwen3_8b("cuda")
+    bpt, wb = kv_bytes_per_token(model), weight_bytes(model)
+    ids = torch.randint(1000, 100000, (args.qwen_batch, args.qwen_context - args.qwen_new_tokens), device="cuda")
+    note = "random weights: acceptance meaningless; system timings only; lockstep rounds so steps are pure draft or verify"
+    for method in ("nospec", "sparsespec"):
+        try:
+            rows.append(measure(model, "qwen3-8b-shape-random", ids, method, args.qwen_new_tokens,
+                                dict(do_sample=False), bpt, wb, note, extra=dict(unified_schedule=False)))
+        except Exception as exc:
+            print(f"FAILED qwen8b {method}: {exc!r}", flush=True)
+
+
+def write_tables(rows: list, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps(rows, indent=1))
+    cols = ["model", "batch", "prompt_len", "new_tokens", "method", "tokens_per_s", "mean_accepted",
+            "ms_per_draft_step", "ms_per_verify_step", "ms_per_mixed_step", "floor_ratio", "note"]
+
+    def fmt(v):
+        if v is None:
+            return "-"
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    (out / "throughput.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        bench = [r for r in rows if r["model"] == "bench-code-lm"]
+        contexts = sorted({r["prompt_len"] + r["new_tokens"] for r in bench})
+        fig, axes = plt.subplots(1, max(len(contexts), 1), figsize=(6 * max(len(contexts), 1), 4), squeeze=False)
+        for ax, ctx in zip(axes[0], contexts):
+            for method in dict.fromkeys(r["method"] for r in bench):
+                pts = sorted((r["batch"], r["tokens_per_s"]) for r in bench
+                             if r["method"] == method and r["prompt_len"] + r["new_tokens"] == ctx)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("batch size")
+            ax.set_ylabel("decode tokens/s")
+            ax.set_title(f"bench-code-lm on H200, context ~{ctx} tokens")
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "throughput.png", dpi=120)
+    except ImportError:
+        print("matplotlib missing: no plot")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64, 128])
+    p.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[1536, 16384])
+    p.add_argument("--new-tokens", type=int, default=512)
+    p.add_argument("--methods", type=lambda s: s.split(","), default=["hf_eager", "hf_static", "nospec", "window", "sparsespec"])
+    p.add_argument("--all-static", action="store_true", help="measure hf_static at every shape (slow: compiles each)")
+    p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--qwen8b", action="store_true", help="also time the Qwen3-8B-shaped random model")
+    p.add_argument("--qwen-batch", type=int, default=64)
+    p.add_argument("--qwen-context", type=int, default=8192)
+    p.add_argument("--qwen-new-tokens", type=int, default=64)
+    args = p.parse_args()
+    rows: list = []
+    try:
+        if not args.skip_bench:
+            run_bench(args, rows)
+        if args.qwen8b:
+            run_qwen8b(args, rows)
+    finally:
+        write_tables(rows, args.out)
+    print((args.out / "throughput.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
