@@ -69,14 +69,16 @@ class LogitsPlan:
         penalties = [p for p in self.steps if isinstance(p, lp.RepetitionPenaltyLogitsProcessor)]
         if len(penalties) > 1:
             raise NotImplementedError("SparseSpec supports one repetition penalty processor per call.")
-        self._ignore = getattr(penalties[0], "prompt_ignore_length", None) if penalties else None
+        ignore = getattr(penalties[0], "prompt_ignore_length", None) if penalties else None
+        # Read once here: in the decoding loop a host read of a device tensor would stall the GPU queue.
+        self._ignore = ignore.view(-1).tolist() if isinstance(ignore, torch.Tensor) else ignore
 
     def repetition_ignore(self, row: int) -> int:
         """Leading tokens of a batch row the repetition penalty skips (newer transformers skip padding)."""
         if self._ignore is None:
             return 0
-        if isinstance(self._ignore, torch.Tensor):
-            return int(self._ignore.view(-1)[row])
+        if isinstance(self._ignore, list):
+            return self._ignore[row]
         return int(self._ignore)
 
     def apply(self, logits: torch.Tensor, state: PositionState) -> torch.Tensor:
