@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from transformers.cache_utils import Cache
@@ -54,6 +56,9 @@ class PagedKVCache(Cache):
         # Bumped whenever a request's page list is dropped, so mirrors of it (the engine's device
         # page table) know to resend it rather than diff it.
         self._epoch: dict[int, int] = {}
+        self._transfer_stream: torch.cuda.Stream | None = None
+        # Fewest pages each request had since a mirror last looked: pages past it may have changed.
+        self._low_water: dict[int, int] = {}
 
     # ---- transformers' Cache interface -------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -126,11 +131,17 @@ class PagedKVCache(Cache):
         if keep < len(pages):
             self.allocator.release(pages[keep:])
             del pages[keep:]
+            self._low_water[seq_id] = min(self._low_water.get(seq_id, keep), keep)
+
+    def pages_unchanged_since_last_look(self, seq_id: int) -> int:
+        """How many leading pages of a request kept their ids since the previous call (for mirrors)."""
+        return self._low_water.pop(seq_id, len(self.pages(seq_id)))
 
     def release(self, seq_id: int) -> None:
         """Return every page of a finished (or offloaded) request."""
         self.allocator.release(self._pages.pop(seq_id, []))
         self._epoch[seq_id] = self._epoch.get(seq_id, 0) + 1
+        self._low_water.pop(seq_id, None)
 
     def epoch(self, seq_id: int) -> int:
         return self._epoch.get(seq_id, 0)
@@ -153,32 +164,51 @@ class PagedKVCache(Cache):
     def offload(self, seq_id: int, length: int, chunk_tokens: int = 1024) -> HostKV:
         """Copy a request's first ``length`` positions to (pinned) host memory and free its pages.
 
-        Copies go in chunks so the staging never needs a second full-size device buffer.
+        On CUDA the copies run on a side stream in chunks and the compute stream waits for them, so
+        the host never blocks and the freed pages are not overwritten before they have been read.
         """
         pin = self.device.type == "cuda"
         shape = (self.num_layers, length, self.num_kv_heads, self.head_dim)
         host_k = torch.empty(shape, dtype=self.dtype, pin_memory=pin)
         host_v = torch.empty(shape, dtype=self.dtype, pin_memory=pin)
-        for start in range(0, length, chunk_tokens):
-            positions = torch.arange(start, min(start + chunk_tokens, length))
-            slots = self.slots(seq_id, positions).to(self.device)
-            host_k[:, start : start + len(positions)].copy_(self.keys[:, slots], non_blocking=pin)
-            host_v[:, start : start + len(positions)].copy_(self.values[:, slots], non_blocking=pin)
-        if pin:
-            # The pages are reused right after release: the copies must have read them first.
-            torch.cuda.current_stream(self.device).synchronize()
+        with self._transfer():
+            for start in range(0, length, chunk_tokens):
+                end = min(start + chunk_tokens, length)
+                slots = self._device_slots(seq_id, start, end)
+                host_k[:, start:end].copy_(self.keys[:, slots], non_blocking=pin)
+                host_v[:, start:end].copy_(self.values[:, slots], non_blocking=pin)
         self.release(seq_id)
         return HostKV(host_k, host_v, length)
 
     def restore(self, seq_id: int, saved: HostKV, chunk_tokens: int = 1024) -> None:
         """Bring an offloaded request back into fresh pages (raises ``OutOfPages`` if they are not free)."""
         self.reserve(seq_id, saved.length)
-        for start in range(0, saved.length, chunk_tokens):
-            positions = torch.arange(start, min(start + chunk_tokens, saved.length))
-            slots = self.slots(seq_id, positions).to(self.device)
-            end = start + len(positions)
-            self.keys[:, slots] = saved.keys[:, start:end].to(self.device, non_blocking=True)
-            self.values[:, slots] = saved.values[:, start:end].to(self.device, non_blocking=True)
+        with self._transfer():
+            for start in range(0, saved.length, chunk_tokens):
+                end = min(start + chunk_tokens, saved.length)
+                slots = self._device_slots(seq_id, start, end)
+                self.keys[:, slots] = saved.keys[:, start:end].to(self.device, non_blocking=True)
+                self.values[:, slots] = saved.values[:, start:end].to(self.device, non_blocking=True)
+
+    def _device_slots(self, seq_id: int, start: int, end: int) -> torch.Tensor:
+        slots = self.slots(seq_id, torch.arange(start, end))
+        if self.device.type == "cuda":
+            return slots.pin_memory().to(self.device, non_blocking=True)
+        return slots
+
+    @contextmanager
+    def _transfer(self) -> Iterator[None]:
+        """Run host<->device KV copies on a side stream ordered after, and before, compute work."""
+        if self.device.type != "cuda":
+            yield
+            return
+        compute = torch.cuda.current_stream(self.device)
+        if self._transfer_stream is None:
+            self._transfer_stream = torch.cuda.Stream(self.device)
+        self._transfer_stream.wait_stream(compute)
+        with torch.cuda.stream(self._transfer_stream):
+            yield
+        compute.wait_stream(self._transfer_stream)
 
 
 def write_kv_reference(

@@ -59,7 +59,8 @@ class SlotPageTable:
             seq, epoch, sent = self._mirror[req.slot]
             if seq != req.index or epoch != self.cache.epoch(req.index):
                 sent = 0
-            sent = min(sent, len(pages))  # truncation: nothing to send, entries past kv_len are never read
+            # Pages past a truncation may have been handed out again, possibly with other ids.
+            sent = min(sent, self.cache.pages_unchanged_since_last_look(req.index))
             for col in range(sent, len(pages)):
                 slots.append(req.slot)
                 cols.append(col)

@@ -118,7 +118,11 @@ class Scheduler:
                 victim = self._pick_victim(request, planned) if self.config.offload else None
                 if victim is None:
                     if not self.config.offload and not planned and not any(r.waiting for r in self.active):
-                        raise KVPoolTooSmall(self._too_small_message()) from None
+                        raise KVPoolTooSmall(
+                            f"The KV pool ({self.cache.num_pages} pages of {self.cache.page_size} tokens) is full and "
+                            "offload=False forbids moving requests to host memory. Enable `offload`, pass a larger "
+                            "`kv_pool_tokens`, or a smaller `max_batch_size`."
+                        ) from None
                     return False
                 request_len = victim.kv_written
                 victim.offloaded = self.cache.offload(victim.index, request_len)
