@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from transformers.generation import GenerateDecoderOnlyOutput
+from transformers.generation import GenerateDecoderOnlyOutput, GenerationMode
 from transformers.generation import stopping_criteria as sc
 
 from ..attention.interface import ATTENTION_NAME
@@ -185,6 +185,12 @@ def _check_call(model, gc, model_kwargs: dict, streamer, input_ids) -> None:
     if getattr(gc, "prompt_lookup_num_tokens", None) is not None or getattr(gc, "assistant_early_exit", None) is not None:
         raise ValueError(
             "SparseSpec is itself a speculative method: drop `prompt_lookup_num_tokens` / `assistant_early_exit`."
+        )
+    mode = gc.get_generation_mode()
+    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+        raise ValueError(
+            f"SparseSpec decodes greedily or by sampling, and this call asks for {mode.value.replace('_', ' ')}: "
+            "unset the options that select it (`penalty_alpha`, `dola_layers`, `constraints`, `force_words_ids`, `use_mtp`)."
         )
     if gc.output_attentions or gc.output_hidden_states:
         raise ValueError(
