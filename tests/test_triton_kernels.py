@@ -1,0 +1,252 @@
+"""The Triton kernels against the PyTorch reference, on the CPU through Triton's interpreter.
+
+``TRITON_INTERPRET=1`` only takes effect if it is set before the kernels are decorated, and other
+test modules may import Triton first, so the kernels run in one child process (this file run as a
+script) that checks every case and reports back as JSON; the tests here read that report.
+
+Each case is a packed batch of random rows of every kind over a randomly paged pool whose unused
+slots hold NaN; uninitialised allocations are NaN too (``fill_uninitialized_memory``), so an output
+element the kernels forget to write, or a slot they should not read, shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# name: (page_size, kv_heads, group, head_dim, dtype, overrides for paged_attention)
+CASES = {
+    "page1_g1_d16_split": (1, 2, 1, 16, "float32", dict(block_n=16, max_splits=4, num_programs=3)),
+    "page16_g3_d32_split": (16, 2, 3, 32, "float32", dict(block_n=16, max_splits=3)),
+    "page16_g3_d64_nosplit": (16, 1, 3, 64, "float32", dict(block_n=32, max_splits=1)),
+    "page1_g3_d32_fp16_default": (1, 2, 3, 32, "float16", {}),
+    "page16_g1_d64_fp16_bigtile": (16, 2, 1, 64, "float16", dict(block_m=64, block_n=16, max_splits=2)),
+}
+# bfloat16 attention is checked only on the GPU (benchmarks/kernels_check.py): Triton 3.9's interpreter
+# computes tl.dot on bfloat16 operands wrongly (a lone 16x16 product is off by orders of magnitude).
+# name: (pool dtype, input dtype, heads, head_dim). float32 into float16 exercises the cast; the
+# interpreter rounds float32 to bfloat16 differently from torch, so bfloat16 is written as is.
+WRITE_KV_CASES = {
+    "float32_h2_d16": ("float32", "float32", 2, 16),
+    "float16_from_float32_h3_d64": ("float16", "float32", 3, 64),
+    "bfloat16_h2_d32": ("bfloat16", "bfloat16", 2, 32),
+}
+
+
+# ---- the child process ---------------------------------------------------------------------------
+def _rows_spec(rng):
+    """(kind, q_len, kv_len, tail_start, sel_count, wants_scores) of a mixed batch."""
+    return [
+        ("full", 7, 7, 0, 0, False),  # first prefill chunk
+        ("draft", 1, 45, 38, 6, False),  # selection plus a tail of 7
+        ("full", 5, 30, 0, 0, False),  # later prefill chunk
+        ("full", 4, 40, 0, 0, True),  # verification with scores
+        ("pad", 0, 0, 0, 0, False),
+        ("draft", 1, 21, 20, 0, False),  # empty selection: tail only
+        ("full", 3, 26, 0, 0, True),  # second verification with scores
+        ("full", 1, 19, 0, 0, False),  # a draft before the first verification
+        ("draft", 2, 50, 41, int(rng.integers(10, 20)), False),  # two draft tokens in one row
+        ("full", 6, 38, 0, 0, False),  # verification without scores
+    ]
+
+
+def build_batch(page_size, kv_heads, group, head_dim, dtype, layers=2, layer=1, seed=0):
+    """A random packed batch: (query, k_pool, v_pool, ctx, scores template)."""
+    import numpy as np
+    import torch
+
+    from hf_sparsespec.attention.context import StepContext
+
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    spec = _rows_spec(rng)
+    num_rows = len(spec)
+    max_kv = max(r[2] for r in spec)
+    pages_per_row = -(-max_kv // page_size)
+    num_pages = pages_per_row * num_rows + 3
+    pool_shape = (layers, num_pages * page_size, kv_heads, head_dim)
+    k_all = torch.full(pool_shape, float("nan"), dtype=dtype)
+    v_all = torch.full(pool_shape, float("nan"), dtype=dtype)
+    perm = rng.permutation(num_pages)
+    block_tables = torch.full((num_rows, pages_per_row + 2), -1, dtype=torch.int64)
+    sel_width = 24
+    num_slots = num_rows + 1
+    selection = torch.full((num_slots, layers, kv_heads, sel_width), -1, dtype=torch.int32)
+    sel_count = torch.zeros(num_slots, dtype=torch.int32)
+    meta = {k: [] for k in ("q_start", "q_len", "kv_len", "is_draft", "tail_start", "sel_slot", "score_row")}
+    slot_mapping, token, num_scores = [], 0, 0
+    for r, (kind, n, kv, tail, count, wants_scores) in enumerate(spec):
+        pages = perm[r * pages_per_row : r * pages_per_row + -(-kv // page_size)]
+        block_tables[r, : len(pages)] = torch.as_tensor(pages)
+        slots = torch.as_tensor(pages).repeat_interleave(page_size) * page_size + torch.arange(len(pages) * page_size) % page_size
+        slots = slots[:kv]
+        k_all[:, slots] = torch.randn(layers, kv, kv_heads, head_dim).to(dtype)
+        v_all[:, slots] = torch.randn(layers, kv, kv_heads, head_dim).to(dtype)
+        slot_mapping += slots[kv - n :].tolist()
+        sel_slot = (r + 1) % num_slots  # slots differ from row indices
+        if kind == "draft":
+            sel_count[sel_slot] = count
+            for lay in range(layers):
+                for h in range(kv_heads):
+                    chosen = np.sort(rng.choice(tail, size=count, replace=False))
+                    selection[sel_slot, lay, h, :count] = torch.as_tensor(chosen, dtype=torch.int32)
+        meta["q_start"].append(token if n else 0)
+        meta["q_len"].append(n)
+        meta["kv_len"].append(kv)
+        meta["is_draft"].append(kind == "draft")
+        meta["tail_start"].append(tail)
+        meta["sel_slot"].append(sel_slot)
+        meta["score_row"].append(num_scores if wants_scores else -1)
+        num_scores += wants_scores
+        token += n
+    num_padding_tokens = 3
+    slot_mapping += [-1] * num_padding_tokens
+    num_tokens = token + num_padding_tokens
+    # Query as transformers hands it over: a (1, Hq, T, D) transpose of a (1, T, Hq, D) tensor.
+    query = torch.randn(1, num_tokens, kv_heads * group, head_dim).to(dtype).transpose(1, 2)
+    # Mixed index dtypes: the engine uploads int64, the context documents int32.
+    ctx = StepContext(
+        cache=SimpleNamespace(page_size=page_size),
+        slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64),
+        q_start=torch.tensor(meta["q_start"], dtype=torch.int32),
+        q_len=torch.tensor(meta["q_len"], dtype=torch.int64),
+        kv_len=torch.tensor(meta["kv_len"], dtype=torch.int32),
+        block_tables=block_tables,
+        is_draft=torch.tensor(meta["is_draft"], dtype=torch.bool),
+        tail_start=torch.tensor(meta["tail_start"], dtype=torch.int64),
+        sel_slot=torch.tensor(meta["sel_slot"], dtype=torch.int64),
+        selection=selection,
+        sel_count=sel_count,
+        score_row=torch.tensor(meta["score_row"], dtype=torch.int64),
+        scores=torch.full((num_scores + 1, layers, kv_heads, max_kv + 5), float("nan")),
+        max_kv_len=max_kv + 3,
+        use_triton=True,
+    )
+    return query, k_all[layer], v_all[layer], ctx
+
+
+def _check_attention(case):
+    import dataclasses
+
+    import torch
+
+    from hf_sparsespec.attention import triton_kernels
+    from hf_sparsespec.attention.reference import reference_attention
+
+    page_size, kv_heads, group, head_dim, dtype_name, overrides = CASES[case]
+    dtype = getattr(torch, dtype_name)
+    layer = 1
+    query, k_pool, v_pool, ctx = build_batch(page_size, kv_heads, group, head_dim, dtype, layer=layer)
+    scale = head_dim**-0.5
+    ref_ctx = dataclasses.replace(ctx, scores=ctx.scores.clone(), use_triton=False)
+    # The reference on upcast inputs: the kernels accumulate in fp32 as well.
+    expected = reference_attention(query.float(), k_pool.float(), v_pool.float(), ref_ctx, layer, scale)
+    got = triton_kernels.paged_attention(query, k_pool, v_pool, ctx, layer, scale, **overrides)
+    real = torch.zeros(query.shape[2], dtype=torch.bool)
+    for start, n in zip(ctx.q_start.tolist(), ctx.q_len.tolist()):
+        real[start : start + n] = True
+    tol = {"float32": 2e-5, "float16": 2e-3}[dtype_name]
+    out_err = (got[0, real].float() - expected[0, real]).abs().max().item()
+    written = ~torch.isnan(ctx.scores)
+    same_cells = torch.equal(written, ~torch.isnan(ref_ctx.scores))
+    score_err = (ctx.scores[written] - ref_ctx.scores[written]).abs().max().item() if same_cells else float("inf")
+    return {
+        "out_err": out_err,
+        "out_tol": tol * 4,
+        "out_finite": bool(torch.isfinite(got[0, real]).all()),
+        "scores_same_cells": same_cells,
+        "score_err": score_err,
+        "score_tol": tol,
+        "scores_written": int(written.sum()),
+    }
+
+
+def _check_write_kv(case):
+    import torch
+
+    from hf_sparsespec.attention import triton_kernels
+    from hf_sparsespec.cache.paged_cache import write_kv_reference
+
+    dtype_name, input_dtype_name, heads, head_dim = WRITE_KV_CASES[case]
+    dtype, input_dtype = getattr(torch, dtype_name), getattr(torch, input_dtype_name)
+    torch.manual_seed(1)
+    pool_shape = (40, heads, head_dim)
+    k_pool = torch.full(pool_shape, float("nan"), dtype=dtype)
+    v_pool = torch.full(pool_shape, float("nan"), dtype=dtype)
+    slot_mapping = torch.tensor([7, -1, 3, 39, 0, -1, 12, 21], dtype=torch.int64)
+    # [H, T, D] views of (1, H, T, D) transposes, as the model passes key_states[0].
+    keys = torch.randn(1, len(slot_mapping), heads, head_dim).to(input_dtype).transpose(1, 2)[0]
+    values = torch.randn(1, len(slot_mapping), heads, head_dim).to(input_dtype).transpose(1, 2)[0]
+    k_ref, v_ref = k_pool.clone(), v_pool.clone()
+    write_kv_reference(k_ref, v_ref, keys, values, slot_mapping)
+    triton_kernels.write_kv(k_pool, v_pool, keys, values, slot_mapping)
+    return {"k_equal": torch.equal(k_pool.nan_to_num(7.0), k_ref.nan_to_num(7.0)),
+            "v_equal": torch.equal(v_pool.nan_to_num(7.0), v_ref.nan_to_num(7.0))}
+
+
+def _child(names: list[str]) -> None:
+    import torch
+
+    torch.use_deterministic_algorithms(True)  # with fill_uninitialized_memory: torch.empty holds NaN
+    results = {}
+    for name in names:
+        try:
+            results[name] = _check_attention(name) if name in CASES else _check_write_kv(name)
+        except Exception as exc:  # reported per case by the parent
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    print("RESULTS " + json.dumps(results))
+
+
+# ---- the tests -------------------------------------------------------------------------------
+def _run_children(groups: list[list[str]]) -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    procs = [
+        subprocess.Popen([sys.executable, __file__, *names], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for names in groups
+    ]
+    results = {}
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        lines = [line for line in stdout.splitlines() if line.startswith("RESULTS ")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"interpreter child failed (exit {proc.returncode}):\n{stderr[-4000:]}")
+        results.update(json.loads(lines[-1][len("RESULTS ") :]))
+    return results
+
+
+@pytest.fixture(scope="module")
+def results():
+    pytest.importorskip("triton")
+    names = list(CASES) + list(WRITE_KV_CASES)
+    # Two children share the two cores of a small CI machine.
+    return _run_children([names[0::2], names[1::2]])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_paged_attention_matches_reference(results, case):
+    r = results[case]
+    assert "error" not in r, r.get("error")
+    assert r["out_finite"], "an output of a real row is missing or not finite"
+    assert r["out_err"] <= r["out_tol"], r
+    assert r["scores_same_cells"], "scores written where the reference writes none, or missing"
+    assert r["scores_written"] > 0
+    assert r["score_err"] <= r["score_tol"], r
+
+
+@pytest.mark.parametrize("case", list(WRITE_KV_CASES))
+def test_write_kv_matches_reference(results, case):
+    r = results[case]
+    assert "error" not in r, r.get("error")
+    assert r["k_equal"] and r["v_equal"], r
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1:])
