@@ -12,7 +12,8 @@ from ..attention.selection import select_tokens
 from ..cache.paged_cache import PagedKVCache
 from ..config import SparseSpecConfig
 from .request import Request, RowKind
-from .runner import ModelRunner, SlotPageTable, build_host_step
+from .runner import ModelRunner, SlotPageTable
+from .step_builder import build_step
 from .upload import upload
 from .sampling import LogitsPlan, PositionState, verify_drafts
 from .scheduler import Row, Scheduler
@@ -162,39 +163,35 @@ class Engine:
         """Queue one iteration on the device: forward, sampling, verification, selection."""
         device = self.cache.device
         k = self.config.draft_len
-        step = build_host_step(rows, self.cache, k + 1, with_scores=self.config.speculate)
-        for row in rows:
-            if row.kind is RowKind.PREFILL and row.request.prefilled == 0 and self.presence is not None:
-                self._init_presence(row.request)
-        index = self._step_indices(rows, step)
+        step = build_step(rows, self.config, self.prompt_width, self.sel_width, with_scores=self.config.speculate)
+        if self.presence is not None:
+            for row in rows:
+                if row.kind is RowKind.PREFILL and row.request.prefilled == 0:
+                    self._init_presence(row.request)
+        index = upload(step.post, device)
         logits, attn_scores = self.runner.run(step, rows)
         scores = self.plan.apply(logits, self._position_state(index))
         self.stats.num_forward_passes += 1
 
         commit_tokens: list[torch.Tensor] = []
         commit_accepted: list[torch.Tensor] = []
-        commit_positions: list[torch.Tensor] = []  # logits rows of each commit row's tokens (scores/logits output)
-        if index["single_pos"].numel():
+        if len(step.post["single_pos"]):
             tokens, probs = self.plan.pick(scores[index["single_pos"]])
             self.round_tokens[index["single_slot"], index["single_col"]] = tokens
-            if probs is not None and index["draft_of_single"].numel():
+            if probs is not None and len(step.post["draft_of_single"]):
                 d = index["draft_of_single"]
                 self.draft_probs[index["single_slot"][d], index["single_col"][d] - 1] = probs[d]
-            c = index["commit_of_single"]
-            if c.numel():
+            if len(step.post["commit_of_single"]):
+                c = index["commit_of_single"]
                 first = tokens[c][:, None]
                 if self.presence is not None:
                     self._mark_present(index["single_slot"][c], first)
                 commit_tokens.append(torch.nn.functional.pad(first, (0, k), value=-1))
                 commit_accepted.append(torch.zeros_like(c))
-                commit_positions.append(index["single_pos"][c][:, None])
-        if index["v_slot"].numel():
-            accepted, tokens = self._verify(index, scores, attn_scores)
+        if len(step.post["v_slot"]):
+            accepted, tokens = self._verify(index, scores, attn_scores, step.v_old_len_max)
             commit_tokens.append(tokens)
             commit_accepted.append(accepted)
-            width = int(max(rows[i].num_tokens for i in index["verify_rows"]))
-            offsets = torch.arange(width, device=device)[None, :].clamp(max=index["v_num_drafts"][:, None])
-            commit_positions.append(index["v_start"][:, None] + offsets)
 
         # Host state that does not depend on device results moves on now.
         for row in rows:
@@ -208,54 +205,9 @@ class Engine:
             else:
                 req.waiting = True
                 self.stats.num_verify_steps += 1
-        return self._results(rows, index["commit_rows"], commit_tokens, commit_accepted, commit_positions, scores, logits)
+        return self._results(rows, step, commit_tokens, commit_accepted, scores, logits)
 
-    def _step_indices(self, rows: list[Row], step) -> dict:
-        """Every index the post-processing needs, uploaded in one copy."""
-        lists: dict[str, list[int]] = {
-            name: [] for name in (
-                "single_pos", "single_slot", "single_col", "draft_of_single", "commit_of_single",
-                "v_slot", "v_num_drafts", "v_start", "v_old_len", "v_count",
-                "hf_length", "pos_slot", "pos_extra",
-            )
-        }
-        commit_single, verify_rows = [], []
-        for i, row in enumerate(rows):
-            req, start = row.request, step.logits_start[i]
-            if start < 0:
-                continue
-            done = len(req.generated)
-            if row.kind is RowKind.VERIFY:
-                verify_rows.append(i)
-                lists["v_slot"].append(req.slot)
-                lists["v_num_drafts"].append(req.round_len)
-                lists["v_start"].append(start)
-                lists["v_old_len"].append(req.num_cached)
-                lists["v_count"].append(min(self.config.budget(req.num_cached), self.sel_width))
-                for j in range(row.num_tokens):
-                    lists["hf_length"].append(self.prompt_width + done + j)
-                    lists["pos_slot"].append(req.slot)
-                    lists["pos_extra"].append(j)
-                continue
-            drafts_before = req.drafted if row.kind is RowKind.DRAFT else 0
-            if row.kind is RowKind.DRAFT:
-                lists["draft_of_single"].append(len(lists["single_pos"]))
-            else:
-                lists["commit_of_single"].append(len(lists["single_pos"]))
-                commit_single.append(i)
-            lists["single_pos"].append(start)
-            lists["single_slot"].append(req.slot)
-            lists["single_col"].append(drafts_before + 1 if row.kind is RowKind.DRAFT else 0)
-            lists["hf_length"].append(self.prompt_width + done + drafts_before)
-            lists["pos_slot"].append(req.slot)
-            lists["pos_extra"].append(drafts_before)
-        index = upload(lists, self.cache.device)
-        index["verify_rows"] = verify_rows
-        index["commit_rows"] = commit_single + verify_rows
-        index["v_old_len_host"] = lists["v_old_len"]
-        return index
-
-    def _verify(self, index: dict, scores: torch.Tensor, attn_scores: torch.Tensor | None):
+    def _verify(self, index: dict, scores: torch.Tensor, attn_scores: torch.Tensor | None, max_old_len: int):
         device = self.cache.device
         k = self.config.draft_len
         slots, num_drafts = index["v_slot"], index["v_num_drafts"]
@@ -273,9 +225,8 @@ class Engine:
         if self.presence is not None:
             self._mark_present(slots, tokens)
         if attn_scores is not None:
-            max_old = max(index["v_old_len_host"])
             chosen = select_tokens(
-                attn_scores[: slots.shape[0], ..., : max(max_old, 1)],
+                attn_scores[: slots.shape[0], ..., : max(max_old_len, 1)],
                 index["v_old_len"],
                 index["v_count"],
                 self.config.selection,
@@ -285,10 +236,10 @@ class Engine:
             self.sel_count[slots] = index["v_count"].to(torch.int32)
         return accepted, tokens
 
-    def _results(self, rows, commit_rows, tokens, accepted, positions, scores, logits) -> StepResults:
+    def _results(self, rows, step, tokens, accepted, scores, logits) -> StepResults:
         width = self.config.draft_len + 1
-        results = StepResults(rows, commit_rows, torch.zeros(0, width, dtype=torch.long), torch.zeros(0, dtype=torch.long), None)
-        if not commit_rows:
+        results = StepResults(rows, step.commit_rows, torch.zeros(0, width, dtype=torch.long), torch.zeros(0, dtype=torch.long), None)
+        if not step.commit_rows:
             return results
         packed = torch.cat([torch.cat(accepted)[:, None], torch.cat(tokens)], dim=1)
         if packed.device.type == "cuda":
@@ -305,10 +256,10 @@ class Engine:
             host = packed
         results.accepted, results.tokens = host[:, 0], host[:, 1:]
         if self.keep_scores or self.keep_logits:
-            for pos in positions:
-                for row_positions in pos:
-                    results.scores.append(scores[row_positions] if self.keep_scores else None)
-                    results.logits.append(logits[row_positions] if self.keep_logits else None)
+            for row_positions in step.commit_positions:
+                at = torch.from_numpy(row_positions).to(scores.device)
+                results.scores.append(scores[at] if self.keep_scores else None)
+                results.logits.append(logits[at] if self.keep_logits else None)
         return results
 
     def _position_state(self, index: dict) -> PositionState:

@@ -3,41 +3,13 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
-
 import torch
 
 from ..attention.context import StepContext, step_context
 from ..cache.paged_cache import PagedKVCache
-from .request import RowKind
 from .scheduler import Row
+from .step_builder import PADDING, ROW_FIELDS, TOKEN_FIELDS, HostStep, padded
 from .upload import pack, upload
-
-TOKEN_FIELDS = ("ids_host", "gather", "positions", "slot_mapping", "logits_index")
-ROW_FIELDS = ("q_start", "q_len", "kv_len", "is_draft", "tail_start", "sel_slot", "score_row")
-# What a padding token or row holds: it writes no KV, attends to nothing and asks for no scores.
-PADDING = {"ids_host": 0, "gather": -1, "positions": 0, "slot_mapping": -1, "logits_index": 0,
-           "q_start": 0, "q_len": 0, "kv_len": 0, "is_draft": 0, "tail_start": 0, "sel_slot": 0, "score_row": -1}
-
-
-@dataclass
-class HostStep:
-    """A packed step as host lists; tokens of all rows back to back."""
-
-    arrays: dict[str, list[int]] = field(default_factory=lambda: {name: [] for name in TOKEN_FIELDS + ROW_FIELDS})
-    logits_start: list[int] = field(default_factory=list)  # per row: first entry in logits_index, -1 if none
-    num_scores: int = 0
-    max_kv_len: int = 0
-    has_prefill: bool = False
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.arrays["positions"])
-
-    @property
-    def num_logits(self) -> int:
-        return len(self.arrays["logits_index"])
-
 
 class SlotPageTable:
     """Device copy of every slot's page list, updated with only the pages that changed.
@@ -71,50 +43,6 @@ class SlotPageTable:
                 raise RuntimeError("a request outgrew the engine's page table; this is a bug in context sizing")
             up = upload({"slots": slots, "cols": cols, "values": values}, self.table.device)
             self.table[up["slots"], up["cols"]] = up["values"]
-
-
-def build_host_step(rows: list[Row], cache: PagedKVCache, round_width: int, with_scores: bool) -> HostStep:
-    """Host-side metadata of one step. Draft and verification tokens stay on the device: the step
-    gathers them from the engine's per-slot ``round_tokens`` buffer (index ``slot * width + col``)."""
-    step = HostStep()
-    a = step.arrays
-    page_size = cache.page_size
-    for row in rows:
-        req, n = row.request, row.num_tokens
-        pages = cache.pages(req.index)
-        num_before = step.num_tokens
-        if row.kind is RowKind.PREFILL:
-            start = req.prefilled
-            a["ids_host"].extend(req.prompt[start : start + n])
-            a["gather"].extend([-1] * n)
-            step.has_prefill = True
-            needs_logits = start + n == len(req.prompt)
-            logit_tokens = [num_before + n - 1] if needs_logits else []
-        else:
-            col = req.drafted if row.kind is RowKind.DRAFT else 0
-            start = req.num_cached + col
-            a["ids_host"].extend([0] * n)
-            base = req.slot * round_width + col
-            a["gather"].extend(range(base, base + n))
-            logit_tokens = list(range(num_before, num_before + n))
-        positions = range(start, start + n)
-        a["positions"].extend(positions)
-        a["slot_mapping"].extend(pages[p // page_size] * page_size + p % page_size for p in positions)
-        step.logits_start.append(step.num_logits if logit_tokens else -1)
-        a["logits_index"].extend(logit_tokens)
-        a["q_start"].append(num_before)
-        a["q_len"].append(n)
-        a["kv_len"].append(start + n)
-        a["is_draft"].append(int(row.kind is RowKind.DRAFT and req.has_selection))
-        a["tail_start"].append(req.tail_start)
-        a["sel_slot"].append(req.slot)
-        if row.kind is RowKind.VERIFY and with_scores:
-            a["score_row"].append(step.num_scores)
-            step.num_scores += 1
-        else:
-            a["score_row"].append(-1)
-        step.max_kv_len = max(step.max_kv_len, start + n)
-    return step
 
 
 class ModelRunner:
@@ -155,7 +83,7 @@ class ModelRunner:
         self.page_table.sync(rows)
         if self.use_graphs and not step.has_prefill:
             return self._replay(step)
-        views = upload(step.arrays, self.cache.device)
+        views = upload(step.inputs, self.cache.device)
         scores = None
         if step.num_scores:
             shape = (step.num_scores, self.cache.num_layers, self.cache.num_kv_heads, step.max_kv_len)
@@ -168,9 +96,13 @@ class ModelRunner:
         gather = views["gather"]
         ids = torch.where(gather >= 0, self.round_tokens.view(-1)[gather.clamp(min=0)], views["ids_host"])
         sel_slot = views["sel_slot"]
+        positions, token_slot = views["positions"], views["token_slot"]
+        page_size = self.cache.page_size
+        pages = self.page_table.table[token_slot.clamp(min=0), torch.div(positions, page_size, rounding_mode="floor")]
+        slot_mapping = torch.where(token_slot >= 0, pages * page_size + positions % page_size, -1)
         context = StepContext(
             cache=self.cache,
-            slot_mapping=views["slot_mapping"],
+            slot_mapping=slot_mapping,
             q_start=views["q_start"],
             q_len=views["q_len"],
             kv_len=views["kv_len"],
@@ -189,7 +121,7 @@ class ModelRunner:
         if self.keeps_logits:
             kwargs["logits_to_keep"] = views["logits_index"]
         with step_context(context):
-            out = self.model(input_ids=ids[None], position_ids=views["positions"][None], **kwargs)
+            out = self.model(input_ids=ids[None], position_ids=positions[None], **kwargs)
         logits = out.logits[0]
         if not self.keeps_logits:
             logits = logits[views["logits_index"]]
@@ -199,19 +131,12 @@ class ModelRunner:
     def _bucket(self, num_tokens: int) -> int:
         return max(8, 1 << (num_tokens - 1).bit_length())
 
-    def _padded_arrays(self, step: HostStep, tokens: int) -> dict[str, list[int]]:
-        padded = {}
-        for name, values in step.arrays.items():
-            pad = tokens - len(values)  # rows never outnumber tokens, so one bucket size serves both
-            padded[name] = values + [PADDING[name]] * pad
-        return padded
-
     def _replay(self, step: HostStep) -> tuple[torch.Tensor, torch.Tensor | None]:
         bucket = self._bucket(step.num_tokens)
         if bucket not in self._graphs:
             self._capture(bucket)
         graph, meta, logits = self._graphs[bucket]
-        meta.copy_(pack(self._padded_arrays(step, bucket), self.cache.device), non_blocking=True)
+        meta.copy_(pack(padded(step.inputs, bucket), self.cache.device), non_blocking=True)
         graph.replay()
         return logits[: step.num_logits], (self._graph_scores if step.num_scores else None)
 

@@ -7,18 +7,19 @@ copy that overlaps with the work already queued.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
-def pack(arrays: dict[str, list[int]], device: torch.device) -> torch.Tensor:
-    """The lists back to back in one int64 host tensor, pinned when it is bound for a GPU."""
-    flat = [v for values in arrays.values() for v in values]
-    host = torch.tensor(flat, dtype=torch.long)
+def pack(arrays: dict[str, np.ndarray | list[int]], device: torch.device) -> torch.Tensor:
+    """The arrays back to back in one int64 host tensor, pinned when it is bound for a GPU."""
+    parts = [np.asarray(values, dtype=np.int64) for values in arrays.values()]
+    host = torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.int64))
     # The caching host allocator keeps a pinned block alive until the copy reading it has run.
     return host.pin_memory() if device.type == "cuda" else host
 
 
-def upload(arrays: dict[str, list[int]], device: torch.device) -> dict[str, torch.Tensor]:
+def upload(arrays: dict[str, np.ndarray | list[int]], device: torch.device) -> dict[str, torch.Tensor]:
     """int64 device views, one per named list, from one host buffer."""
     on_device = pack(arrays, device).to(device, non_blocking=True)
     views, start = {}, 0
