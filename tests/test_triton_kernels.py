@@ -24,11 +24,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 # name: (page_size, kv_heads, group, head_dim, dtype, overrides for paged_attention)
 CASES = {
-    "page1_g1_d16_split": (1, 2, 1, 16, "float32", dict(block_n=16, max_splits=4, num_programs=3)),
-    "page16_g3_d32_split": (16, 2, 3, 32, "float32", dict(block_n=16, max_splits=3)),
-    "page16_g3_d64_nosplit": (16, 1, 3, 64, "float32", dict(block_n=32, max_splits=1)),
+    "page1_g1_d16_fixed_splits": (1, 2, 1, 16, "float32", dict(block_n=16, max_splits=4, split_tokens=16, num_programs=3)),
+    "page16_g3_d32_fixed_splits": (16, 2, 3, 32, "float32", dict(block_n=16, max_splits=3, split_tokens=16)),
+    "page16_g3_d64_one_split": (16, 1, 3, 64, "float32", dict(block_n=32, max_splits=1)),
     "page1_g3_d32_fp16_default": (1, 2, 3, 32, "float16", {}),
-    "page16_g1_d64_fp16_bigtile": (16, 2, 1, 64, "float16", dict(block_m=64, block_n=16, max_splits=2)),
+    "page16_g1_d64_fp16_adaptive_splits": (16, 2, 1, 64, "float16", dict(block_m=64, block_n=16, num_programs=64)),
+    # As a captured CUDA graph sees it: padding rows up to one row per token, max_kv_len far above.
+    "graph_like_page16_g3_d16": (16, 2, 3, 16, "float32", dict(block_n=16, num_programs=64, graph_like=True)),
 }
 # bfloat16 attention is checked only on the GPU (benchmarks/kernels_check.py): Triton 3.9's interpreter
 # computes tl.dot on bfloat16 operands wrongly (a lone 16x16 product is off by orders of magnitude).
@@ -55,11 +57,12 @@ def _rows_spec(rng):
         ("full", 1, 19, 0, 0, False),  # a draft before the first verification
         ("draft", 2, 50, 41, int(rng.integers(10, 20)), False),  # two draft tokens in one row
         ("full", 6, 38, 0, 0, False),  # verification without scores
+        ("full", 23, 48, 0, 0, True),  # scores over several query tiles
     ]
 
 
-def build_batch(page_size, kv_heads, group, head_dim, dtype, layers=2, layer=1, seed=0):
-    """A random packed batch: (query, k_pool, v_pool, ctx, scores template)."""
+def build_batch(page_size, kv_heads, group, head_dim, dtype, layers=2, layer=1, seed=0, graph_like=False):
+    """A random packed batch: (query, k_pool, v_pool, ctx)."""
     import numpy as np
     import torch
 
@@ -110,6 +113,10 @@ def build_batch(page_size, kv_heads, group, head_dim, dtype, layers=2, layer=1, 
     num_padding_tokens = 3
     slot_mapping += [-1] * num_padding_tokens
     num_tokens = token + num_padding_tokens
+    if graph_like:
+        for name, value in dict(q_start=0, q_len=0, kv_len=0, is_draft=False, tail_start=0, sel_slot=0, score_row=-1).items():
+            meta[name] += [value] * (num_tokens - num_rows)
+        block_tables = torch.cat([block_tables, torch.full((num_tokens - num_rows, block_tables.shape[1]), -1)])
     # Query as transformers hands it over: a (1, Hq, T, D) transpose of a (1, T, Hq, D) tensor.
     query = torch.randn(1, num_tokens, kv_heads * group, head_dim).to(dtype).transpose(1, 2)
     # Mixed index dtypes: the engine uploads int64, the context documents int32.
@@ -127,7 +134,7 @@ def build_batch(page_size, kv_heads, group, head_dim, dtype, layers=2, layer=1, 
         sel_count=sel_count,
         score_row=torch.tensor(meta["score_row"], dtype=torch.int64),
         scores=torch.full((num_scores + 1, layers, kv_heads, max_kv + 5), float("nan")),
-        max_kv_len=max_kv + 3,
+        max_kv_len=4096 if graph_like else max_kv + 3,
         use_triton=True,
     )
     return query, k_all[layer], v_all[layer], ctx
@@ -142,9 +149,11 @@ def _check_attention(case):
     from hf_sparsespec.attention.reference import reference_attention
 
     page_size, kv_heads, group, head_dim, dtype_name, overrides = CASES[case]
+    overrides = dict(overrides)
+    graph_like = overrides.pop("graph_like", False)
     dtype = getattr(torch, dtype_name)
     layer = 1
-    query, k_pool, v_pool, ctx = build_batch(page_size, kv_heads, group, head_dim, dtype, layer=layer)
+    query, k_pool, v_pool, ctx = build_batch(page_size, kv_heads, group, head_dim, dtype, layer=layer, graph_like=graph_like)
     scale = head_dim**-0.5
     ref_ctx = dataclasses.replace(ctx, scores=ctx.scores.clone(), use_triton=False)
     # The reference on upcast inputs: the kernels accumulate in fp32 as well.

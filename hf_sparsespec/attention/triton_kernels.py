@@ -29,12 +29,13 @@ __all__ = ["paged_attention", "write_kv"]
 _LOG2E = 1.4426950408889634
 # Programs per SM for the persistent kernels: enough resident loads to keep HBM busy.
 _PROGRAMS_PER_SM = 4
-# Shortest KV chunk worth a split of its own: shorter ones cost more in merging than they gain.
-_MIN_CHUNK = 512
+# Work items per program the chunk size aims at: more evens out uneven items, fewer saves
+# per-item overhead and (for attention) merging.
+_ITEMS_PER_PROGRAM = 2
+# Shortest KV chunk, in KV blocks: an item also pays for finding its row and storing its result.
+_MIN_CHUNK_BLOCKS = 2
 # Cap on the fp32 split-KV partial outputs allocated per call.
 _PARTIAL_BYTES = 64 << 20
-# KV positions per work item of the score kernel.
-_SCORE_CHUNK = 512
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,13 +49,22 @@ def _pow2(x: int, at_least: int = 1) -> int:
     return max(at_least, triton.next_power_of_2(x))
 
 
+ITEMS_PER_PROGRAM = tl.constexpr(_ITEMS_PER_PROGRAM)
+MIN_CHUNK_BLOCKS = tl.constexpr(_MIN_CHUNK_BLOCKS)
+
+
 @triton.jit
 def _rows(
     q_start_ptr, q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
-    R, SEL_WIDTH, CHUNK, MAX_SPLITS,
-    QPT: tl.constexpr, R_PAD: tl.constexpr,
+    R, SEL_WIDTH, FIXED_CHUNK, MAX_SPLITS, WORKERS,
+    QPT: tl.constexpr, R_PAD: tl.constexpr, HKV: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Per-row vectors every program needs to find its work: loaded once, kept in registers."""
+    """Per-row vectors every program needs to find its work: loaded once, kept in registers.
+
+    The split size follows the step's actual work (known only on the device): chunks are sized so
+    the ``WORKERS`` programs get about ``_ITEMS_PER_PROGRAM`` items each, whether the step is one
+    16k-token row or a hundred short drafts. ``FIXED_CHUNK > 0`` overrides it (tests, tuning).
+    """
     idx = tl.arange(0, R_PAD)
     ok = idx < R
     q0 = tl.load(q_start_ptr + idx, mask=ok, other=0).to(tl.int32)
@@ -68,8 +78,12 @@ def _rows(
     # A full row is a draft row with nothing selected and its tail starting at 0: one code path.
     tail = tl.where(draft, tail, 0)
     # Splits are sized by the row's whole KV length so all query tiles of a row agree on them.
-    splits = tl.minimum(tl.maximum(tl.cdiv(cnt + tl.maximum(kv - tail, 0), CHUNK), 1), MAX_SPLITS)
+    seen = cnt + tl.maximum(kv - tail, 0)
     tiles = tl.cdiv(n, QPT)
+    work = tl.sum(tiles.to(tl.int64) * seen, axis=0) * HKV
+    chunk = tl.maximum(tl.cdiv(work, WORKERS * ITEMS_PER_PROGRAM), MIN_CHUNK_BLOCKS * BLOCK_N)
+    chunk = tl.where(FIXED_CHUNK > 0, FIXED_CHUNK, chunk)
+    splits = tl.minimum(tl.maximum(tl.cdiv(seen, chunk), 1), MAX_SPLITS).to(tl.int32)
     return idx, q0, n, kv, tail, slot, cnt, splits, tiles
 
 
@@ -96,7 +110,7 @@ def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
     q_start_ptr, q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
     bt_ptr, sel_ptr,
-    R, SEL_WIDTH, CHUNK, MAX_SPLITS, qk_scale,
+    R, SEL_WIDTH, FIXED_CHUNK, MAX_SPLITS, WORKERS, qk_scale,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh,
     stride_bt, stride_sel_s, stride_sel_h,
     G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
@@ -107,7 +121,7 @@ def _attention_kernel(
     HQ: tl.constexpr = HKV * G
     idx, q0s, ns, kvs, tails, slots, cnts, splits, tiles = _rows(
         q_start_ptr, q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
-        R, SEL_WIDTH, CHUNK, MAX_SPLITS, QPT, R_PAD,
+        R, SEL_WIDTH, FIXED_CHUNK, MAX_SPLITS, WORKERS, QPT, R_PAD, HKV, BLOCK_N,
     )
     units = tiles * splits
     ends = tl.cumsum(units, axis=0)
@@ -189,16 +203,16 @@ def _attention_kernel(
 def _merge_kernel(
     out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
     q_start_ptr, q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
-    R, SEL_WIDTH, CHUNK, MAX_SPLITS, stride_ot, stride_oh,
+    R, SEL_WIDTH, FIXED_CHUNK, MAX_SPLITS, WORKERS, stride_ot, stride_oh,
     G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, R_PAD: tl.constexpr, WRITE_LSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     """Combine the split-KV partials of every tile whose row was split (others are final already)."""
     QPT: tl.constexpr = BLOCK_M // G
     HQ: tl.constexpr = HKV * G
     idx, q0s, ns, kvs, tails, slots, cnts, splits, tiles = _rows(
         q_start_ptr, q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
-        R, SEL_WIDTH, CHUNK, MAX_SPLITS, QPT, R_PAD,
+        R, SEL_WIDTH, FIXED_CHUNK, MAX_SPLITS, WORKERS, QPT, R_PAD, HKV, BLOCK_N,
     )
     units = tl.where(splits > 1, tiles, 0)
     ends = tl.cumsum(units, axis=0)
@@ -241,14 +255,13 @@ def _score_kernel(
     R, SCORE_WIDTH, qk_scale,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_bt, stride_sc_v, stride_sc_h,
     G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, SCORE_CHUNK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """PillarAttn scores of full rows: per KV position, the attention probability summed over the
     row's queries and the group's heads (recomputed from Q K^T and the final log-sum-exp), / (G n).
 
-    Work item: (score row, chunk of SCORE_CHUNK positions, KV head); each K block is read once and
-    every query tile of the row is applied to it.
+    Work item: (score row, chunk of KV positions, KV head), chunks sized so every program gets
+    work; each K block is read once and every query tile of the row is applied to it.
     """
     QPT: tl.constexpr = BLOCK_M // G
     HQ: tl.constexpr = HKV * G
@@ -258,7 +271,11 @@ def _score_kernel(
     ns = tl.load(q_len_ptr + idx, mask=ok, other=0).to(tl.int32)
     kvs = tl.load(kv_len_ptr + idx, mask=ok, other=0).to(tl.int32)
     targets = tl.load(score_row_ptr + idx, mask=ok, other=-1)
-    units = tl.where((targets >= 0) & (ns > 0), tl.cdiv(kvs, SCORE_CHUNK), 0)
+    wanted = (targets >= 0) & (ns > 0)
+    work = tl.sum(tl.where(wanted, kvs, 0).to(tl.int64), axis=0) * HKV
+    chunk = tl.maximum(tl.cdiv(work, tl.num_programs(0) * ITEMS_PER_PROGRAM), MIN_CHUNK_BLOCKS * BLOCK_N)
+    chunk = (tl.cdiv(chunk, BLOCK_N) * BLOCK_N).to(tl.int32)
+    units = tl.where(wanted, tl.cdiv(kvs, chunk), 0)
     ends = tl.cumsum(units, axis=0)
     total = tl.sum(units, axis=0) * HKV
     offs_n = tl.arange(0, BLOCK_N)
@@ -272,8 +289,8 @@ def _score_kernel(
         n = _pick(ns, sel)
         kv = _pick(kvs, sel)
         q0 = _pick(q0s, sel)
-        lo = (unit - (_pick(ends, sel) - _pick(units, sel))) * SCORE_CHUNK
-        hi = tl.minimum(lo + SCORE_CHUNK, kv)
+        lo = (unit - (_pick(ends, sel) - _pick(units, sel))) * chunk
+        hi = tl.minimum(lo + chunk, kv)
         out_row = scores_ptr + _pick(targets, sel) * stride_sc_v + h * stride_sc_h
         bt_row = bt_ptr + row.to(tl.int64) * stride_bt
         inv_count = 1.0 / (G * n).to(tl.float32)
@@ -324,15 +341,11 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(0) == 1 else t.contiguous()
 
 
-def _plan_splits(max_kv_len: int, tokens: int, q_heads: int, d_pad: int, block_n: int, max_splits: int | None) -> tuple[int, int]:
-    """(chunk, max_splits): a row is cut into at most ``max_splits`` chunks of at least ``chunk``
-    positions. Sized from shapes only, so a captured graph stays valid for any KV lengths."""
-    by_memory = max(1, _PARTIAL_BYTES // (tokens * q_heads * (d_pad + 1) * 4))
-    if max_splits is None:
-        max_splits = triton.cdiv(max_kv_len, _MIN_CHUNK)
-    max_splits = max(1, min(max_splits, by_memory, triton.cdiv(max_kv_len, block_n)))
-    chunk = triton.cdiv(triton.cdiv(max_kv_len, max_splits), block_n) * block_n
-    return chunk, max_splits
+def _max_splits(max_kv_len: int, tokens: int, q_heads: int, d_pad: int, block_n: int, cap: int | None) -> int:
+    """Most splits of one row: bounds the partial-output buffer, which is sized from shapes only."""
+    by_memory = _PARTIAL_BYTES // (tokens * q_heads * (d_pad + 1) * 4)
+    by_length = triton.cdiv(max_kv_len, _MIN_CHUNK_BLOCKS * block_n)
+    return max(1, min(by_memory, by_length, cap if cap is not None else by_length))
 
 
 def paged_attention(
@@ -346,6 +359,7 @@ def paged_attention(
     block_m: int | None = None,
     block_n: int | None = None,
     max_splits: int | None = None,
+    split_tokens: int | None = None,
     num_programs: int | None = None,
 ) -> torch.Tensor:
     """PillarAttn over the paged pool for a packed batch of full and draft rows; (1, T, Hq, D).
@@ -356,12 +370,14 @@ def paged_attention(
 
     Args:
         query: (1, Hq, T, D); any strides with a contiguous last dimension.
-        k_pool, v_pool: this layer's pools, [slots, Hkv, D].
+        k_pool, v_pool: this layer's pools, [slots, Hkv, D], contiguous last dimension.
         ctx: the step's metadata; ``ctx.max_kv_len`` must bound every ``kv_len``.
         layer: index into ``ctx.selection`` and ``ctx.scores``.
         scale: softmax scale applied to Q K^T.
-        block_m, block_n, max_splits, num_programs: tuning overrides (benchmarks and tests); by
-            default chosen from the shapes.
+        block_m, block_n, max_splits, split_tokens, num_programs: tuning overrides for benchmarks
+            and tests (query-tile rows, KV block, most splits per row, fixed KV positions per
+            split, persistent programs); by default chosen from the shapes and, for the split
+            size, from the step's work on the device.
     """
     _, num_q_heads, num_tokens, head_dim = query.shape
     num_rows = ctx.q_len.shape[0]
@@ -370,22 +386,24 @@ def paged_attention(
     out = torch.empty(1, num_tokens, num_q_heads, head_dim, dtype=query.dtype, device=query.device)
     if num_tokens == 0 or num_rows == 0:
         return out
+    if k_pool.stride(-1) != 1 or v_pool.stride(-1) != 1:
+        raise ValueError("paged_attention needs pools with a contiguous last dimension")
     q = _last_dim_contiguous(query[0])  # (Hq, T, D)
-    k_pool, v_pool = _last_dim_contiguous(k_pool), _last_dim_contiguous(v_pool)
     d_pad = _pow2(head_dim, 16)
     if block_m is None:
         # Decode-like steps (graph buckets have one row per token) waste less on small tiles.
         block_m = 16 if num_tokens <= 2 * num_rows else 64
     block_m = max(block_m, _pow2(group, 16))
     block_n = block_n or (64 if d_pad <= 128 else 32)
-    chunk, max_splits = _plan_splits(ctx.max_kv_len, num_tokens, num_q_heads, d_pad, block_n, max_splits)
-    qpt = block_m // group
-    max_units = min(num_tokens, num_tokens // qpt + num_rows) * max_splits * num_kv_heads
+    max_splits = _max_splits(ctx.max_kv_len, num_tokens, num_q_heads, d_pad, block_n, max_splits)
+    max_tiles = min(num_tokens, num_tokens // (block_m // group) + num_rows) * num_kv_heads
     programs = num_programs or _PROGRAMS_PER_SM * _num_sms(query.device)
+    workers = min(programs, max_tiles * max_splits)
     r_pad = _pow2(num_rows, 16)
     dot_precision = "ieee" if query.dtype == torch.float32 else "tf32"
     qk_scale = scale * _LOG2E
     write_lse = ctx.scores is not None
+    fixed_chunk = split_tokens or 0
 
     rows = (
         _flat(ctx.q_start), _flat(ctx.q_len), _flat(ctx.kv_len), _flat(ctx.is_draft),
@@ -401,10 +419,10 @@ def paged_attention(
     else:
         part_o = part_lse = lse  # never touched: every row has a single split
 
-    _attention_kernel[(min(programs, max_units),)](
+    _attention_kernel[(workers,)](
         q, k_pool, v_pool, out, lse, part_o, part_lse,
         *rows, block_tables, selection,
-        num_rows, sel_width, chunk, max_splits, qk_scale,
+        num_rows, sel_width, fixed_chunk, max_splits, workers, qk_scale,
         q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         out.stride(1), out.stride(2), block_tables.stride(0), selection.stride(0), selection.stride(1),
         G=group, HKV=num_kv_heads, D=head_dim, D_PAD=d_pad, PAGE=ctx.cache.page_size,
@@ -412,26 +430,24 @@ def paged_attention(
         num_warps=4, num_stages=2,
     )
     if max_splits > 1:
-        max_tiles = min(num_tokens, num_tokens // qpt + num_rows) * num_kv_heads
         _merge_kernel[(min(programs, max_tiles),)](
             out, lse, part_o, part_lse, *rows,
-            num_rows, sel_width, chunk, max_splits, out.stride(1), out.stride(2),
-            G=group, HKV=num_kv_heads, D=head_dim, D_PAD=d_pad, BLOCK_M=block_m, R_PAD=r_pad,
+            num_rows, sel_width, fixed_chunk, max_splits, workers, out.stride(1), out.stride(2),
+            G=group, HKV=num_kv_heads, D=head_dim, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, R_PAD=r_pad,
             WRITE_LSE=write_lse, num_warps=4,
         )
     if write_lse:
         scores = ctx.scores[:, layer]  # [V, H, width]
-        score_block_m = _pow2(group, 64)
-        max_score_units = min(num_rows, scores.shape[0]) * triton.cdiv(ctx.max_kv_len, _SCORE_CHUNK) * num_kv_heads
-        _score_kernel[(max(1, min(programs, max_score_units)),)](
+        max_score_units = min(num_rows, scores.shape[0]) * triton.cdiv(ctx.max_kv_len, block_n) * num_kv_heads
+        _score_kernel[(min(programs, max_score_units),)](
             q, k_pool, lse, scores,
             rows[0], rows[1], rows[2], _flat(ctx.score_row), block_tables,
             num_rows, scores.shape[-1], qk_scale,
             q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), block_tables.stride(0),
             scores.stride(0), scores.stride(1),
             G=group, HKV=num_kv_heads, D=head_dim, D_PAD=d_pad, PAGE=ctx.cache.page_size,
-            BLOCK_M=score_block_m, BLOCK_N=block_n, R_PAD=r_pad, SCORE_CHUNK=_SCORE_CHUNK,
-            DOT_PRECISION=dot_precision, num_warps=4, num_stages=2,
+            BLOCK_M=_pow2(group, 64), BLOCK_N=block_n, R_PAD=r_pad, DOT_PRECISION=dot_precision,
+            num_warps=4, num_stages=2,
         )
     return out
 
