@@ -66,3 +66,19 @@ def code_prompts(tokenizer, num_tokens: int, count: int) -> list[str]:
     ids = tokenizer(text).input_ids
     step = max(1, (len(ids) - num_tokens) // max(count, 1))
     return [tokenizer.decode(ids[i * step : i * step + num_tokens]) for i in range(count)]
+
+
+@pytest.fixture
+def sparsespec_runs(monkeypatch):
+    """Records every SparseSpec run in a test, proving that a call reached the strategy and not plain decoding."""
+    from hf_sparsespec.generation import strategy
+
+    runs = []
+    original = strategy.run_sparsespec
+
+    def recording_run(model, input_ids, *args, **kwargs):
+        runs.append(input_ids.shape)
+        return original(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(strategy, "run_sparsespec", recording_run)
+    return runs

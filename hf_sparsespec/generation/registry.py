@@ -3,8 +3,8 @@
 transformers resolves a ``custom_generate`` string with ``GenerationMixin.load_custom_generate``:
 a Hub repo id or a local folder holding ``custom_generate/generate.py``, always behind
 ``trust_remote_code``. It has no registry of names, so this module wraps that one method and
-claims exactly one string, ``"sparsespec"``; every other value reaches the original unchanged.
-Pass ``pathlib.Path("sparsespec")`` (or ``"./sparsespec"``) to load a local folder of that name.
+claims exactly one string, ``"sparsespec"``; every other value reaches the original unchanged
+(``"./sparsespec"`` still loads a local folder of that name).
 """
 
 from __future__ import annotations
@@ -47,8 +47,7 @@ def install() -> None:
         trust_remote_code: bool | None = None,
         **kwargs: Any,
     ) -> Callable:
-        # Only the exact str: a PathLike is an explicit local folder and goes to transformers.
-        if isinstance(pretrained_model_name_or_path, str) and pretrained_model_name_or_path == NAME:
+        if pretrained_model_name_or_path == NAME:
             return generate_by_name
         return original(self, pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **kwargs)
 

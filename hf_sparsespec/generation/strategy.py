@@ -206,7 +206,7 @@ def _check_call(model, gc, model_kwargs: dict, streamer, input_ids) -> None:
     if unknown:
         raise ValueError(
             f"SparseSpec does not support these generate arguments: {unknown}. It decodes text-only causal LMs "
-            "from `input_ids`."
+            "from `input_ids`: pass token ids (and `attention_mask`) instead, or use plain `generate`."
         )
 
 
