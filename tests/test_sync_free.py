@@ -55,7 +55,7 @@ def count_host_reads(counter: dict):
 def test_launch_has_no_host_reads_outside_the_model(monkeypatch, do_sample):
     counter = {"armed": False, "reads": [], "launches": 0}
     original_launch = engine_module.Engine._launch
-    original_run = runner_module.ModelRunner.run
+    original_forward = runner_module.ModelRunner.forward
 
     def launch(self, rows):
         counter["armed"] = True
@@ -65,16 +65,16 @@ def test_launch_has_no_host_reads_outside_the_model(monkeypatch, do_sample):
         finally:
             counter["armed"] = False
 
-    def run(self, step, rows):
+    def forward(self, views, scores, max_kv):
         # The CPU reference attention reads row metadata on purpose; the GPU path runs Triton kernels.
         armed, counter["armed"] = counter["armed"], False
         try:
-            return original_run(self, step, rows)
+            return original_forward(self, views, scores, max_kv)
         finally:
             counter["armed"] = armed
 
     monkeypatch.setattr(engine_module.Engine, "_launch", launch)
-    monkeypatch.setattr(runner_module.ModelRunner, "run", run)
+    monkeypatch.setattr(runner_module.ModelRunner, "forward", forward)
     model = tiny_model("qwen3")
     ids = torch.randint(3, 256, (3, 40))
     mask = torch.ones_like(ids)

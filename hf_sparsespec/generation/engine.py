@@ -13,7 +13,8 @@ from ..cache.paged_cache import PagedKVCache
 from ..config import SparseSpecConfig
 from .request import Request, RowKind
 from .runner import ModelRunner, SlotPageTable
-from .step_builder import build_step
+from .graphs import StepGraphs, bucket
+from .step_builder import build_step, padding_values
 from .upload import upload
 from .sampling import LogitsPlan, PositionState, verify_drafts
 from .scheduler import Row, Scheduler
@@ -57,12 +58,12 @@ class SpecStats:
 
 @dataclass
 class StepResults:
-    """What one iteration leaves for the host, still possibly in flight on the device."""
+    """What one iteration leaves for the host, possibly still in flight on the device."""
 
     rows: list[Row]
-    commit_rows: list[int]  # indices into rows of prefill-final and verification rows
-    tokens: torch.Tensor  # [len(commit_rows), width]: committed tokens, -1 padded
-    accepted: torch.Tensor  # [len(commit_rows)]
+    commit_rows: list[int]  # indices into rows of ends of prefill and verification rows
+    result_rows: list[int]  # for each commit row, its row of `host`
+    host: torch.Tensor  # [n, 1 + k + 1]: accepted count, then committed tokens (-1 padded)
     event: torch.cuda.Event | None
     scores: list[torch.Tensor | None] = field(default_factory=list)  # per commit row, processed scores
     logits: list[torch.Tensor | None] = field(default_factory=list)
@@ -81,12 +82,14 @@ class Engine:
         device = cache.device
         k = config.draft_len
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        self.round_tokens = torch.zeros(num_slots, k + 1, dtype=torch.long, device=device)
+        # One slot more than requests: padding entries of captured steps write there.
+        self.dummy_slot = num_slots
+        self.round_tokens = torch.zeros(num_slots + 1, k + 1, dtype=torch.long, device=device)
         self.sel_width = max(1, min(config.max_budget, config.budget(max_context)))
         self.selection = torch.full(
-            (num_slots, cache.num_layers, cache.num_kv_heads, self.sel_width), -1, dtype=torch.int32, device=device
+            (num_slots + 1, cache.num_layers, cache.num_kv_heads, self.sel_width), -1, dtype=torch.int32, device=device
         )
-        self.sel_count = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        self.sel_count = torch.zeros(num_slots + 1, dtype=torch.int32, device=device)
         self.num_slots = num_slots
         self.max_context = max_context
         on_cuda = device.type == "cuda"
@@ -98,10 +101,14 @@ class Engine:
             raise ValueError("use_cuda_graphs=True needs CUDA and the Triton kernels; leave it unset to pick automatically.")
         self.copy_stream = torch.cuda.Stream(device) if on_cuda else None
         # Rounds may overshoot the committed length by a full draft before their pages are trimmed.
-        self.page_table = SlotPageTable(cache, num_slots, cache.pages_for(max_context + k + 1))
-        self.runner = ModelRunner(
-            model, cache, self.round_tokens, self.selection, self.sel_count, self.page_table,
-            max_context + k + 1, use_triton, use_graphs,
+        self.max_kv = max_context + k + 1
+        self.page_table = SlotPageTable(cache, num_slots + 1, cache.pages_for(self.max_kv))
+        self.runner = ModelRunner(model, cache, self.round_tokens, self.selection, self.sel_count, self.page_table, use_triton)
+        self.graphs = StepGraphs(device, padding_values(self.dummy_slot)) if use_graphs else None
+        self.graph_scores = (
+            torch.zeros(num_slots, cache.num_layers, cache.num_kv_heads, self.max_kv, dtype=torch.float32, device=device)
+            if use_graphs and config.speculate
+            else None
         )
 
     # ---- one generate call -------------------------------------------------------------------
@@ -122,10 +129,12 @@ class Engine:
         self.keep_scores, self.keep_logits = keep_scores, keep_logits
         device = self.cache.device
         self.draft_probs = (
-            torch.zeros(self.num_slots, self.config.draft_len, self.vocab_size, device=device) if plan.do_sample else None
+            torch.zeros(self.num_slots + 1, self.config.draft_len, self.vocab_size, device=device) if plan.do_sample else None
         )
         self.presence = (
-            torch.zeros(self.num_slots, self.vocab_size + 1, dtype=torch.bool, device=device) if plan.needs_presence else None
+            torch.zeros(self.num_slots + 1, self.vocab_size + 1, dtype=torch.bool, device=device)
+            if plan.needs_presence
+            else None
         )
         self.stats = SpecStats()
         self.scheduler = Scheduler(self.config, self.cache, self.num_slots)
@@ -161,37 +170,29 @@ class Engine:
     # ---- device side -------------------------------------------------------------------------
     def _launch(self, rows: list[Row]) -> StepResults:
         """Queue one iteration on the device: forward, sampling, verification, selection."""
-        device = self.cache.device
-        k = self.config.draft_len
-        step = build_step(rows, self.config, self.prompt_width, self.sel_width, with_scores=self.config.speculate)
+        step = build_step(rows, self.config, self.prompt_width, self.sel_width, self.config.speculate, self.dummy_slot)
         if self.presence is not None:
             for row in rows:
                 if row.kind is RowKind.PREFILL and row.request.prefilled == 0:
                     self._init_presence(row.request)
-        index = upload(step.post, device)
-        logits, attn_scores = self.runner.run(step, rows)
-        scores = self.plan.apply(logits, self._position_state(index))
+        self.page_table.sync(rows)
+        arrays = {**step.inputs, **step.post}
+        num_singles = len(step.post["single_pos"])
+        if self.graphs is not None and not step.has_prefill and not (self.keep_scores or self.keep_logits):
+            tokens = bucket(step.num_tokens)
+            num_verify = len(step.post["v_slot"])
+            verify = min(bucket(num_verify, at_least=1), self.num_slots) if num_verify else 0
+            sizes = {name: verify if name.startswith("v_") else tokens for name in arrays}
+            results, scores, logits = self.graphs.run(arrays, sizes, self._device_step_captured)
+            num_singles = tokens
+        else:
+            views = upload(arrays, self.cache.device)
+            attn_scores = None
+            if step.num_scores:
+                shape = (step.num_scores, self.cache.num_layers, self.cache.num_kv_heads, step.max_kv_len)
+                attn_scores = torch.zeros(shape, dtype=torch.float32, device=self.cache.device)
+            results, scores, logits = self._device_step(views, attn_scores, step.max_kv_len)
         self.stats.num_forward_passes += 1
-
-        commit_tokens: list[torch.Tensor] = []
-        commit_accepted: list[torch.Tensor] = []
-        if len(step.post["single_pos"]):
-            tokens, probs = self.plan.pick(scores[index["single_pos"]])
-            self.round_tokens[index["single_slot"], index["single_col"]] = tokens
-            if probs is not None and len(step.post["draft_of_single"]):
-                d = index["draft_of_single"]
-                self.draft_probs[index["single_slot"][d], index["single_col"][d] - 1] = probs[d]
-            if len(step.post["commit_of_single"]):
-                c = index["commit_of_single"]
-                first = tokens[c][:, None]
-                if self.presence is not None:
-                    self._mark_present(index["single_slot"][c], first)
-                commit_tokens.append(torch.nn.functional.pad(first, (0, k), value=-1))
-                commit_accepted.append(torch.zeros_like(c))
-        if len(step.post["v_slot"]):
-            accepted, tokens = self._verify(index, scores, attn_scores, step.v_old_len_max)
-            commit_tokens.append(tokens)
-            commit_accepted.append(accepted)
 
         # Host state that does not depend on device results moves on now.
         for row in rows:
@@ -205,15 +206,40 @@ class Engine:
             else:
                 req.waiting = True
                 self.stats.num_verify_steps += 1
-        return self._results(rows, step, commit_tokens, commit_accepted, scores, logits)
+        result_rows = step.commit_singles + [num_singles + j for j in range(len(step.post["v_slot"]))]
+        return self._results(rows, step, result_rows, results, scores, logits)
 
-    def _verify(self, index: dict, scores: torch.Tensor, attn_scores: torch.Tensor | None, max_old_len: int):
-        device = self.cache.device
+    def _device_step_captured(self, views: dict[str, torch.Tensor]):
+        return self._device_step(views, self.graph_scores, self.max_kv)
+
+    def _device_step(self, v: dict[str, torch.Tensor], attn_scores: torch.Tensor | None, max_kv: int):
+        """Everything an iteration does on the device; shapes come from the inputs alone, so this
+        also runs under CUDA-graph capture. Returns ([n, k + 2] results, processed scores, logits)."""
         k = self.config.draft_len
-        slots, num_drafts = index["v_slot"], index["v_num_drafts"]
+        logits = self.runner.forward(v, attn_scores, max_kv)
+        scores = self.plan.apply(logits, self._position_state(v))
+        parts = []
+        if v["single_pos"].shape[0]:
+            tokens, probs = self.plan.pick(scores[v["single_pos"]])
+            self.round_tokens[v["single_slot"], v["single_col"]] = tokens
+            if probs is not None:
+                self.draft_probs[v["single_prob_slot"], (v["single_col"] - 1).clamp(min=0)] = probs
+            committed = torch.where(v["single_commit"] > 0, tokens, -1)[:, None]
+            if self.presence is not None:
+                self._mark_present(v["single_slot"], committed)
+            parts.append(torch.cat([torch.zeros_like(committed), torch.nn.functional.pad(committed, (0, k), value=-1)], 1))
+        if v["v_slot"].shape[0]:
+            accepted, tokens = self._verify(v, scores, attn_scores)
+            parts.append(torch.cat([accepted[:, None], tokens], 1))
+        return torch.cat(parts), scores, logits
+
+    def _verify(self, v: dict[str, torch.Tensor], scores: torch.Tensor, attn_scores: torch.Tensor | None):
+        device = scores.device
+        k = self.config.draft_len
+        slots, num_drafts = v["v_slot"], v["v_num_drafts"]
         # Each row's k+1 target positions as [R, k+1, V]; short rows repeat their last position.
         offsets = torch.arange(k + 1, device=device)[None, :].clamp(max=num_drafts[:, None])
-        target = scores[index["v_start"][:, None] + offsets]
+        target = scores[v["v_start"][:, None] + offsets]
         drafts = self.round_tokens[slots, 1:]
         draft_probs = self.draft_probs[slots] if self.draft_probs is not None else None
         accepted, next_token = verify_drafts(target, drafts, num_drafts, draft_probs, self.plan.do_sample)
@@ -225,42 +251,33 @@ class Engine:
         if self.presence is not None:
             self._mark_present(slots, tokens)
         if attn_scores is not None:
-            chosen = select_tokens(
-                attn_scores[: slots.shape[0], ..., : max(max_old_len, 1)],
-                index["v_old_len"],
-                index["v_count"],
-                self.config.selection,
-                self.sel_width,
-            )
+            chosen = select_tokens(attn_scores[: slots.shape[0]], v["v_old_len"], v["v_count"], self.config.selection, self.sel_width)
             self.selection[slots] = chosen
-            self.sel_count[slots] = index["v_count"].to(torch.int32)
+            self.sel_count[slots] = v["v_count"].to(torch.int32)
         return accepted, tokens
 
-    def _results(self, rows, step, tokens, accepted, scores, logits) -> StepResults:
-        width = self.config.draft_len + 1
-        results = StepResults(rows, step.commit_rows, torch.zeros(0, width, dtype=torch.long), torch.zeros(0, dtype=torch.long), None)
+    def _results(self, rows, step, result_rows, results, scores, logits) -> StepResults:
+        out = StepResults(rows, step.commit_rows, result_rows, results, None)
         if not step.commit_rows:
-            return results
-        packed = torch.cat([torch.cat(accepted)[:, None], torch.cat(tokens)], dim=1)
-        if packed.device.type == "cuda":
+            return out
+        if results.device.type == "cuda":
             # The copy runs on a side stream so the next iteration's kernels need not queue behind it.
-            compute = torch.cuda.current_stream(packed.device)
+            compute = torch.cuda.current_stream(results.device)
             self.copy_stream.wait_stream(compute)
             with torch.cuda.stream(self.copy_stream):
-                host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-                host.copy_(packed, non_blocking=True)
-                packed.record_stream(self.copy_stream)
-                results.event = torch.cuda.Event()
-                results.event.record()
-        else:
-            host = packed
-        results.accepted, results.tokens = host[:, 0], host[:, 1:]
+                out.host = torch.empty(results.shape, dtype=results.dtype, pin_memory=True)
+                out.host.copy_(results, non_blocking=True)
+                results.record_stream(self.copy_stream)
+                out.event = torch.cuda.Event()
+                out.event.record()
+            # A captured step's results live in a static buffer that the next replay rewrites.
+            compute.wait_stream(self.copy_stream)
         if self.keep_scores or self.keep_logits:
             for row_positions in step.commit_positions:
                 at = torch.from_numpy(row_positions).to(scores.device)
-                results.scores.append(scores[at] if self.keep_scores else None)
-                results.logits.append(logits[at] if self.keep_logits else None)
-        return results
+                out.scores.append(scores[at] if self.keep_scores else None)
+                out.logits.append(logits[at] if self.keep_logits else None)
+        return out
 
     def _position_state(self, index: dict) -> PositionState:
         """transformers-view lengths (and token presence) of every logits position."""
@@ -291,16 +308,15 @@ class Engine:
         """Apply an iteration's committed tokens to the host state (waits for its copies if needed)."""
         if results.event is not None:
             results.event.synchronize()
-        tokens = results.tokens.tolist()
-        accepted = results.accepted.tolist()
+        host = results.host.tolist()
         for j, i in enumerate(results.commit_rows):
             row = results.rows[i]
             req = row.request
             req.waiting = False
             if req.finished:
                 continue
-            m = accepted[j]
-            committed = self._commit(req, tokens[j][: m + 1], results, j)
+            m, tokens = host[results.result_rows[j]][0], host[results.result_rows[j]][1:]
+            committed = self._commit(req, tokens[: m + 1], results, j)
             if row.kind is RowKind.VERIFY:
                 self.stats.num_drafts_verified += req.round_len
                 self.stats.num_drafts_accepted += m

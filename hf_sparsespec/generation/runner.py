@@ -8,8 +8,7 @@ import torch
 from ..attention.context import StepContext, step_context
 from ..cache.paged_cache import PagedKVCache
 from .scheduler import Row
-from .step_builder import PADDING, ROW_FIELDS, TOKEN_FIELDS, HostStep, padded
-from .upload import pack, upload
+from .upload import upload
 
 class SlotPageTable:
     """Device copy of every slot's page list, updated with only the pages that changed.
@@ -46,11 +45,10 @@ class SlotPageTable:
 
 
 class ModelRunner:
-    """Runs the HF model on packed steps with the paged cache.
+    """Runs the unmodified HF model on a packed step with the paged cache.
 
-    Decode-only steps (drafts and verifications) replay a CUDA graph captured per token-count bucket;
-    graphs live as long as the engine, so later generate calls reuse them. Steps with prefill rows,
-    and every step on the CPU, run eagerly.
+    Inputs are device views of the step's metadata (see ``step_builder``); the same code runs
+    eagerly and under CUDA-graph capture, so it reads no tensor value on the host.
     """
 
     def __init__(
@@ -61,38 +59,19 @@ class ModelRunner:
         selection: torch.Tensor,
         sel_count: torch.Tensor,
         page_table: SlotPageTable,
-        max_context: int,
         use_triton: bool,
-        use_graphs: bool,
     ) -> None:
         self.model, self.cache = model, cache
         self.round_tokens, self.selection, self.sel_count = round_tokens, selection, sel_count
         self.page_table = page_table
-        self.max_context = max_context
-        self.use_triton, self.use_graphs = use_triton, use_graphs
+        self.use_triton = use_triton
         params = inspect.signature(model.forward).parameters
         # transformers renamed `past_key_values` to `cache` after 5.17; the old name warns there.
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.keeps_logits = "logits_to_keep" in params
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        self._graph_pool = None
-        self._graph_scores: torch.Tensor | None = None
 
-    def run(self, step: HostStep, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """float32 logits [num_logits, vocab] and the PillarAttn scores [num_scores, L, H, >= max_kv]."""
-        self.page_table.sync(rows)
-        if self.use_graphs and not step.has_prefill:
-            return self._replay(step)
-        views = upload(step.inputs, self.cache.device)
-        scores = None
-        if step.num_scores:
-            shape = (step.num_scores, self.cache.num_layers, self.cache.num_kv_heads, step.max_kv_len)
-            scores = torch.zeros(shape, dtype=torch.float32, device=self.cache.device)
-        logits = self._forward(views, scores, step.max_kv_len)
-        return logits, scores
-
-    # ---- the forward, shared by eager runs and graph capture -------------------------------------
-    def _forward(self, views: dict[str, torch.Tensor], scores: torch.Tensor | None, max_kv: int) -> torch.Tensor:
+    def forward(self, views: dict[str, torch.Tensor], scores: torch.Tensor | None, max_kv: int) -> torch.Tensor:
+        """float32 logits [len(logits_index), vocab]; verification rows write PillarAttn ``scores``."""
         gather = views["gather"]
         ids = torch.where(gather >= 0, self.round_tokens.view(-1)[gather.clamp(min=0)], views["ids_host"])
         sel_slot = views["sel_slot"]
@@ -126,40 +105,3 @@ class ModelRunner:
         if not self.keeps_logits:
             logits = logits[views["logits_index"]]
         return logits.float()
-
-    # ---- CUDA graphs ---------------------------------------------------------------------------
-    def _bucket(self, num_tokens: int) -> int:
-        return max(8, 1 << (num_tokens - 1).bit_length())
-
-    def _replay(self, step: HostStep) -> tuple[torch.Tensor, torch.Tensor | None]:
-        bucket = self._bucket(step.num_tokens)
-        if bucket not in self._graphs:
-            self._capture(bucket)
-        graph, meta, logits = self._graphs[bucket]
-        meta.copy_(pack(padded(step.inputs, bucket), self.cache.device), non_blocking=True)
-        graph.replay()
-        return logits[: step.num_logits], (self._graph_scores if step.num_scores else None)
-
-    def _capture(self, bucket: int) -> None:
-        device = self.cache.device
-        names = TOKEN_FIELDS + ROW_FIELDS
-        meta = torch.tensor([PADDING[name] for name in names for _ in range(bucket)], dtype=torch.long, device=device)
-        views = {name: meta[i * bucket : (i + 1) * bucket] for i, name in enumerate(names)}
-        if self._graph_scores is None:
-            slots = self.round_tokens.shape[0]
-            self._graph_scores = torch.zeros(
-                slots, self.cache.num_layers, self.cache.num_kv_heads, self.max_context, dtype=torch.float32, device=device
-            )
-        scores = self._graph_scores
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up compiles the kernels and settles the allocator
-            for _ in range(2):
-                self._forward(views, scores, self.max_context)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            logits = self._forward(views, scores, self.max_context)
-        self._graphs[bucket] = (graph, meta, logits)

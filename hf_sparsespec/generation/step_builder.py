@@ -18,11 +18,18 @@ from .request import RowKind
 from .scheduler import Row
 
 PREFILL, DRAFT, VERIFY = 0, 1, 2
-TOKEN_FIELDS = ("ids_host", "gather", "positions", "token_slot", "logits_index")
-ROW_FIELDS = ("q_start", "q_len", "kv_len", "is_draft", "tail_start", "sel_slot", "score_row")
-# What a padding token or row holds: it writes no KV, attends to nothing and asks for no scores.
-PADDING = {"ids_host": 0, "gather": -1, "positions": 0, "token_slot": -1, "logits_index": 0,
-           "q_start": 0, "q_len": 0, "kv_len": 0, "is_draft": 0, "tail_start": 0, "sel_slot": 0, "score_row": -1}
+
+
+def padding_values(dummy_slot: int) -> dict[str, int]:
+    """What a padding entry holds: it writes no KV, attends to nothing, asks for no scores, and
+    sends every sampled or verified token of its own to the dummy slot."""
+    return {
+        "ids_host": 0, "gather": -1, "positions": 0, "token_slot": -1, "logits_index": 0,
+        "q_start": 0, "q_len": 0, "kv_len": 0, "is_draft": 0, "tail_start": 0, "sel_slot": 0, "score_row": -1,
+        "single_pos": 0, "single_slot": dummy_slot, "single_col": 0, "single_prob_slot": dummy_slot, "single_commit": 0,
+        "v_slot": dummy_slot, "v_num_drafts": 0, "v_start": 0, "v_old_len": 0, "v_count": 0,
+        "hf_length": 0, "pos_slot": dummy_slot, "pos_extra": 0,
+    }
 
 
 @dataclass
@@ -37,12 +44,14 @@ class HostStep:
     max_kv_len: int
     has_prefill: bool
     commit_rows: list[int]  # rows whose tokens are committed by this step: ends of prefill, verifications
+    commit_singles: list[int]  # for each committing end of prefill, its index among the sampled singles
     commit_positions: list[np.ndarray]  # logits rows of each committed row's tokens, in that order
-    max_verify_tokens: int
-    v_old_len_max: int
 
 
-def build_step(rows: list[Row], config: SparseSpecConfig, prompt_width: int, sel_width: int, with_scores: bool) -> HostStep:
+def build_step(
+    rows: list[Row], config: SparseSpecConfig, prompt_width: int, sel_width: int, with_scores: bool, dummy_slot: int
+) -> HostStep:
+    """Describe one packed step. ``dummy_slot`` absorbs writes that have no real destination."""
     width = config.draft_len + 1
     count = len(rows)
     kind = np.empty(count, np.int64)
@@ -107,8 +116,8 @@ def build_step(rows: list[Row], config: SparseSpecConfig, prompt_width: int, sel
         "single_pos": logits_start[single_rows],
         "single_slot": slot[single_rows],
         "single_col": np.where(single_is_draft, col[single_rows] + 1, 0),
-        "draft_of_single": np.nonzero(single_is_draft)[0],
-        "commit_of_single": np.nonzero(~single_is_draft)[0],
+        "single_prob_slot": np.where(single_is_draft, slot[single_rows], dummy_slot),
+        "single_commit": (~single_is_draft).astype(np.int64),
         "v_slot": slot[verify_rows],
         "v_num_drafts": round_len[verify_rows],
         "v_start": logits_start[verify_rows],
@@ -144,12 +153,6 @@ def build_step(rows: list[Row], config: SparseSpecConfig, prompt_width: int, sel
         max_kv_len=int((start + n).max()),
         has_prefill=bool((kind == PREFILL).any()),
         commit_rows=commit_single.tolist() + verify_rows.tolist(),
+        commit_singles=np.nonzero(~single_is_draft)[0].tolist(),
         commit_positions=commit_positions,
-        max_verify_tokens=int(n[verify_rows].max()) if len(verify_rows) else 0,
-        v_old_len_max=int(old_len[verify_rows].max()) if len(verify_rows) else 0,
     )
-
-
-def padded(inputs: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """Inputs padded to a graph bucket: rows never outnumber tokens, so one size serves both."""
-    return {name: np.pad(values, (0, size - len(values)), constant_values=PADDING[name]) for name, values in inputs.items()}
