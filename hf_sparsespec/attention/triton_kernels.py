@@ -49,15 +49,11 @@ def _pow2(x: int, at_least: int = 1) -> int:
     return max(at_least, triton.next_power_of_2(x))
 
 
-ITEMS_PER_PROGRAM = tl.constexpr(_ITEMS_PER_PROGRAM)
-MIN_CHUNK_BLOCKS = tl.constexpr(_MIN_CHUNK_BLOCKS)
-
-
 @triton.jit
 def _rows(
     q_start_ptr, q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
     R, SEL_WIDTH, FIXED_CHUNK, MAX_SPLITS, WORKERS,
-    QPT: tl.constexpr, R_PAD: tl.constexpr, HKV: tl.constexpr, BLOCK_N: tl.constexpr,
+    QPT: tl.constexpr, R_PAD: tl.constexpr, HKV: tl.constexpr, ITEMS_PER_PROGRAM: tl.constexpr, MIN_CHUNK: tl.constexpr,
 ):
     """Per-row vectors every program needs to find its work: loaded once, kept in registers.
 
@@ -81,7 +77,7 @@ def _rows(
     seen = cnt + tl.maximum(kv - tail, 0)
     tiles = tl.cdiv(n, QPT)
     work = tl.sum(tiles.to(tl.int64) * seen, axis=0) * HKV
-    chunk = tl.maximum(tl.cdiv(work, WORKERS * ITEMS_PER_PROGRAM), MIN_CHUNK_BLOCKS * BLOCK_N)
+    chunk = tl.maximum(tl.cdiv(work, WORKERS * ITEMS_PER_PROGRAM), MIN_CHUNK)
     chunk = tl.where(FIXED_CHUNK > 0, FIXED_CHUNK, chunk)
     splits = tl.minimum(tl.maximum(tl.cdiv(seen, chunk), 1), MAX_SPLITS).to(tl.int32)
     return idx, q0, n, kv, tail, slot, cnt, splits, tiles
@@ -113,15 +109,13 @@ def _attention_kernel(
     R, SEL_WIDTH, FIXED_CHUNK, MAX_SPLITS, WORKERS, qk_scale,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh,
     stride_bt, stride_sel_s, stride_sel_h,
-    G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
-    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    G: tl.constexpr, HKV: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, QPT: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    ITEMS_PER_PROGRAM: tl.constexpr, MIN_CHUNK: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    QPT: tl.constexpr = BLOCK_M // G
-    HQ: tl.constexpr = HKV * G
     idx, q0s, ns, kvs, tails, slots, cnts, splits, tiles = _rows(
         q_start_ptr, q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
-        R, SEL_WIDTH, FIXED_CHUNK, MAX_SPLITS, WORKERS, QPT, R_PAD, HKV, BLOCK_N,
+        R, SEL_WIDTH, FIXED_CHUNK, MAX_SPLITS, WORKERS, QPT, R_PAD, HKV, ITEMS_PER_PROGRAM, MIN_CHUNK,
     )
     units = tiles * splits
     ends = tl.cumsum(units, axis=0)
@@ -156,7 +150,7 @@ def _attention_kernel(
         q = tl.load(
             q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
             mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-        )
+        ).to(k_ptr.dtype.element_ty)
         sel_row = sel_ptr + _pick(slots, sel) * stride_sel_s + h * stride_sel_h
         bt_row = bt_ptr + row.to(tl.int64) * stride_bt
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -204,15 +198,14 @@ def _merge_kernel(
     out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
     q_start_ptr, q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
     R, SEL_WIDTH, FIXED_CHUNK, MAX_SPLITS, WORKERS, stride_ot, stride_oh,
-    G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, WRITE_LSE: tl.constexpr,
+    G: tl.constexpr, HKV: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, QPT: tl.constexpr, R_PAD: tl.constexpr,
+    ITEMS_PER_PROGRAM: tl.constexpr, MIN_CHUNK: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     """Combine the split-KV partials of every tile whose row was split (others are final already)."""
-    QPT: tl.constexpr = BLOCK_M // G
-    HQ: tl.constexpr = HKV * G
     idx, q0s, ns, kvs, tails, slots, cnts, splits, tiles = _rows(
         q_start_ptr, q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
-        R, SEL_WIDTH, FIXED_CHUNK, MAX_SPLITS, WORKERS, QPT, R_PAD, HKV, BLOCK_N,
+        R, SEL_WIDTH, FIXED_CHUNK, MAX_SPLITS, WORKERS, QPT, R_PAD, HKV, ITEMS_PER_PROGRAM, MIN_CHUNK,
     )
     units = tl.where(splits > 1, tiles, 0)
     ends = tl.cumsum(units, axis=0)
@@ -254,8 +247,9 @@ def _score_kernel(
     q_start_ptr, q_len_ptr, kv_len_ptr, score_row_ptr, bt_ptr,
     R, SCORE_WIDTH, qk_scale,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_bt, stride_sc_v, stride_sc_h,
-    G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    G: tl.constexpr, HKV: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, QPT: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    ITEMS_PER_PROGRAM: tl.constexpr, MIN_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """PillarAttn scores of full rows: per KV position, the attention probability summed over the
     row's queries and the group's heads (recomputed from Q K^T and the final log-sum-exp), / (G n).
@@ -263,8 +257,6 @@ def _score_kernel(
     Work item: (score row, chunk of KV positions, KV head), chunks sized so every program gets
     work; each K block is read once and every query tile of the row is applied to it.
     """
-    QPT: tl.constexpr = BLOCK_M // G
-    HQ: tl.constexpr = HKV * G
     idx = tl.arange(0, R_PAD)
     ok = idx < R
     q0s = tl.load(q_start_ptr + idx, mask=ok, other=0).to(tl.int32)
@@ -273,7 +265,7 @@ def _score_kernel(
     targets = tl.load(score_row_ptr + idx, mask=ok, other=-1)
     wanted = (targets >= 0) & (ns > 0)
     work = tl.sum(tl.where(wanted, kvs, 0).to(tl.int64), axis=0) * HKV
-    chunk = tl.maximum(tl.cdiv(work, tl.num_programs(0) * ITEMS_PER_PROGRAM), MIN_CHUNK_BLOCKS * BLOCK_N)
+    chunk = tl.maximum(tl.cdiv(work, tl.num_programs(0) * ITEMS_PER_PROGRAM), MIN_CHUNK)
     chunk = (tl.cdiv(chunk, BLOCK_N) * BLOCK_N).to(tl.int32)
     units = tl.where(wanted, tl.cdiv(kvs, chunk), 0)
     ends = tl.cumsum(units, axis=0)
@@ -307,7 +299,7 @@ def _score_kernel(
                 q = tl.load(
                     q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-                )
+                ).to(k_ptr.dtype.element_ty)
                 lse = tl.load(lse_ptr + token * HQ + head, mask=row_ok, other=0.0)
                 s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
                 visible = row_ok[:, None] & pos_ok[None, :] & (pos[None, :] <= qpos[:, None])
@@ -404,6 +396,10 @@ def paged_attention(
     qk_scale = scale * _LOG2E
     write_lse = ctx.scores is not None
     fixed_chunk = split_tokens or 0
+    # 64-row tiles hold a 64 x D fp32 accumulator: 4 warps would spill at D=128.
+    warps = 8 if block_m >= 64 else 4
+    shared = dict(G=group, HKV=num_kv_heads, HQ=num_q_heads, D=head_dim, D_PAD=d_pad, BLOCK_M=block_m, QPT=block_m // group,
+                  R_PAD=r_pad, ITEMS_PER_PROGRAM=_ITEMS_PER_PROGRAM, MIN_CHUNK=_MIN_CHUNK_BLOCKS * block_n)
 
     rows = (
         _flat(ctx.q_start), _flat(ctx.q_len), _flat(ctx.kv_len), _flat(ctx.is_draft),
@@ -425,19 +421,18 @@ def paged_attention(
         num_rows, sel_width, fixed_chunk, max_splits, workers, qk_scale,
         q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         out.stride(1), out.stride(2), block_tables.stride(0), selection.stride(0), selection.stride(1),
-        G=group, HKV=num_kv_heads, D=head_dim, D_PAD=d_pad, PAGE=ctx.cache.page_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, R_PAD=r_pad, WRITE_LSE=write_lse, DOT_PRECISION=dot_precision,
-        num_warps=4, num_stages=2,
+        **shared, PAGE=ctx.cache.page_size, BLOCK_N=block_n, WRITE_LSE=write_lse, DOT_PRECISION=dot_precision,
+        num_warps=warps, num_stages=2,
     )
     if max_splits > 1:
         _merge_kernel[(min(programs, max_tiles),)](
             out, lse, part_o, part_lse, *rows,
             num_rows, sel_width, fixed_chunk, max_splits, workers, out.stride(1), out.stride(2),
-            G=group, HKV=num_kv_heads, D=head_dim, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, R_PAD=r_pad,
-            WRITE_LSE=write_lse, num_warps=4,
+            **shared, WRITE_LSE=write_lse, num_warps=warps,
         )
     if write_lse:
         scores = ctx.scores[:, layer]  # [V, H, width]
+        score_block_m = _pow2(group, 64)  # verification rows (k+1 queries x G heads) in one tile
         max_score_units = min(num_rows, scores.shape[0]) * triton.cdiv(ctx.max_kv_len, block_n) * num_kv_heads
         _score_kernel[(min(programs, max_score_units),)](
             q, k_pool, lse, scores,
@@ -445,9 +440,8 @@ def paged_attention(
             num_rows, scores.shape[-1], qk_scale,
             q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), block_tables.stride(0),
             scores.stride(0), scores.stride(1),
-            G=group, HKV=num_kv_heads, D=head_dim, D_PAD=d_pad, PAGE=ctx.cache.page_size,
-            BLOCK_M=_pow2(group, 64), BLOCK_N=block_n, R_PAD=r_pad, DOT_PRECISION=dot_precision,
-            num_warps=4, num_stages=2,
+            **{**shared, "BLOCK_M": score_block_m, "QPT": score_block_m // group}, PAGE=ctx.cache.page_size,
+            BLOCK_N=block_n, DOT_PRECISION=dot_precision, num_warps=8, num_stages=2,
         )
     return out
 
