@@ -434,7 +434,7 @@ def paged_attention(
         scores = ctx.scores[:, layer]  # [V, H, width]
         score_block_m = _pow2(group, 64)  # verification rows (k+1 queries x G heads) in one tile
         max_score_units = min(num_rows, scores.shape[0]) * triton.cdiv(ctx.max_kv_len, block_n) * num_kv_heads
-        _score_kernel[(min(programs, max_score_units),)](
+        _score_kernel[(max(1, min(programs, max_score_units)),)](
             q, k_pool, lse, scores,
             rows[0], rows[1], rows[2], _flat(ctx.score_row), block_tables,
             num_rows, scores.shape[-1], qk_scale,
