@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from ..attention.context import SelectionMass
 from ..attention.selection import select_tokens
 from ..cache.paged_cache import PagedKVCache
 from ..config import SparseSpecConfig
@@ -40,6 +41,7 @@ class SpecStats:
     num_offloads: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
+    selection_mass_per_layer: list[float] | None = None  # diagnostics=True only
 
     def as_dict(self) -> dict:
         verified_rounds = max(self.num_verify_steps, 1)
@@ -53,6 +55,7 @@ class SpecStats:
             "new_tokens": self.new_tokens,
             "seconds": self.seconds,
             "tokens_per_s": self.new_tokens / self.seconds if self.seconds > 0 else 0.0,
+            **({} if self.selection_mass_per_layer is None else {"selection_mass_per_layer": self.selection_mass_per_layer}),
         }
 
 
@@ -93,7 +96,8 @@ class Engine:
         self.num_slots = num_slots
         self.max_context = max_context
         on_cuda = device.type == "cuda"
-        use_triton = on_cuda and config.use_triton is not False and _triton_available()
+        # Diagnostics measure inside the reference attention, so they run without kernels and graphs.
+        use_triton = on_cuda and config.use_triton is not False and not config.diagnostics and _triton_available()
         use_graphs = use_triton and config.use_cuda_graphs is not False
         if config.use_triton and not use_triton:
             raise ValueError("use_triton=True needs a CUDA device with Triton installed; leave it unset to pick automatically.")
@@ -137,6 +141,7 @@ class Engine:
             else None
         )
         self.stats = SpecStats()
+        self.runner.selection_mass = SelectionMass(self.cache.num_layers, device) if self.config.diagnostics else None
         self.scheduler = Scheduler(self.config, self.cache, self.num_slots)
         self.scheduler.add([r for r in requests if not self._done_before_start(r)])
         started = time.perf_counter()
@@ -158,6 +163,8 @@ class Engine:
             torch.cuda.synchronize(device)
         self.stats.seconds = time.perf_counter() - started
         self.stats.num_offloads = self.scheduler.num_offloads
+        if self.runner.selection_mass is not None:
+            self.stats.selection_mass_per_layer = self.runner.selection_mass.per_layer()
         self.stats.new_tokens = sum(len(r.generated) for r in requests)
         return self.stats
 
@@ -231,6 +238,8 @@ class Engine:
         if v["v_slot"].shape[0]:
             accepted, tokens = self._verify(v, scores, attn_scores)
             parts.append(torch.cat([accepted[:, None], tokens], 1))
+        if not parts:  # only prompt chunks that are not a prompt's last: nothing to commit yet
+            return torch.zeros(0, k + 2, dtype=torch.long, device=scores.device), scores, logits
         return torch.cat(parts), scores, logits
 
     def _verify(self, v: dict[str, torch.Tensor], scores: torch.Tensor, attn_scores: torch.Tensor | None):
