@@ -37,6 +37,7 @@ CASES = {
 }
 # bfloat16 attention is checked only on the GPU (benchmarks/kernels_check.py): Triton 3.9's interpreter
 # computes tl.dot on bfloat16 operands wrongly (a lone 16x16 product is off by orders of magnitude).
+
 # name: (pool dtype, input dtype, heads, head_dim). float32 into float16 exercises the cast; the
 # interpreter rounds float32 to bfloat16 differently from torch, so bfloat16 is written as is.
 WRITE_KV_CASES = {
