@@ -13,7 +13,9 @@ def check_model_supported(model: torch.nn.Module, max_length: int) -> None:
     """
     name = type(model).__name__
     if getattr(model.config, "is_encoder_decoder", False):
-        raise ValueError(f"{name} is an encoder-decoder model; SparseSpec supports decoder-only causal LMs.")
+        raise ValueError(
+            f"{name} is an encoder-decoder model; SparseSpec supports decoder-only causal LMs. Use plain `generate` for it."
+        )
     text = model.config.get_text_config()
     layer_types = set(getattr(text, "layer_types", None) or ["full_attention"])
     if layer_types - {"full_attention"}:
