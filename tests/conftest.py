@@ -82,3 +82,13 @@ def sparsespec_runs(monkeypatch):
 
     monkeypatch.setattr(strategy, "run_sparsespec", recording_run)
     return runs
+
+
+@pytest.fixture
+def one_thread():
+    """Run torch single-threaded: on a small shared CPU, tiny ops spend far longer handing work between
+    threads (and waiting for descheduled ones) than computing."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
