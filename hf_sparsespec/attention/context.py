@@ -45,10 +45,35 @@ class StepContext:
     scores: torch.Tensor | None  # [V, L, H, max_kv] float32 PillarAttn scores, or None
     max_kv_len: int  # an upper bound of kv_len, known on the host without a sync
     use_triton: bool = False
+    selection_mass: "SelectionMass | None" = None  # diagnostics only (reference path)
 
     @property
     def num_rows(self) -> int:
         return self.q_len.shape[0]
+
+
+class SelectionMass:
+    """Diagnostics: how much of a draft's full attention its visible set (selection and tail) holds.
+
+    For every draft query, the full causal softmax probability that falls on the positions the draft
+    reads, averaged over query heads, is summed per layer. Sums stay on the device, so recording
+    costs no host read while decoding; ``per_layer`` reads them once at the end.
+    """
+
+    def __init__(self, num_layers: int, device: torch.device) -> None:
+        self.total = torch.zeros(num_layers, dtype=torch.float64, device=device)
+        self.queries = torch.zeros(num_layers, dtype=torch.float64, device=device)
+
+    def add(self, layer: int, mass: torch.Tensor) -> None:
+        """``mass``: [n] captured probability of each of n draft queries."""
+        self.total[layer] += mass.sum()
+        self.queries[layer] += mass.numel()
+
+    def per_layer(self) -> list[float]:
+        """Mean captured mass per layer; empty when no draft ran with a selection."""
+        if not bool((self.queries > 0).any()):
+            return []
+        return (self.total / self.queries.clamp(min=1)).tolist()
 
 
 _current: StepContext | None = None

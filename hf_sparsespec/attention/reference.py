@@ -54,10 +54,14 @@ def reference_attention(
         q_row = q[start : start + n].float().view(n, num_kv_heads, group, head_dim)
         logits = torch.einsum("nhgd,lhd->hgnl", q_row, keys) * scaling
         query_positions = torch.arange(kv_len - n, kv_len, device=q.device)
-        visible = (positions[None, :] <= query_positions[:, None])[None, None]  # [1, 1, n, kv]
+        causal = (positions[None, :] <= query_positions[:, None])[None, None]  # [1, 1, n, kv]
+        visible = causal
         keep = visible_positions_mask(ctx, row, layer, kv_len, num_kv_heads)
         if keep is not None:
-            visible = visible & keep[:, None, None, :]
+            visible = causal & keep[:, None, None, :]
+            if ctx.selection_mass is not None:
+                full = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+                ctx.selection_mass.add(layer, (full * keep[:, None, None, :]).sum(-1).mean(dim=(0, 1)))
         probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
         out[start : start + n] = torch.einsum("hgnl,lhd->nhgd", probs, values).reshape(n, num_q_heads, head_dim).to(out.dtype)
         score_row = int(ctx.score_row[row])

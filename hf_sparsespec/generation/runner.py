@@ -65,6 +65,7 @@ class ModelRunner:
         self.round_tokens, self.selection, self.sel_count = round_tokens, selection, sel_count
         self.page_table = page_table
         self.use_triton = use_triton
+        self.selection_mass = None  # a SelectionMass while a diagnostics run decodes
         params = inspect.signature(model.forward).parameters
         # transformers renamed `past_key_values` to `cache` after 5.17; the old name warns there.
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -95,6 +96,7 @@ class ModelRunner:
             scores=scores,
             max_kv_len=max_kv,
             use_triton=self.use_triton,
+            selection_mass=self.selection_mass,
         )
         kwargs = {self.cache_kwarg: self.cache, "use_cache": True}
         if self.keeps_logits:
