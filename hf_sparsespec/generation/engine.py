@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -70,6 +71,10 @@ class StepResults:
     event: torch.cuda.Event | None
     scores: list[torch.Tensor | None] = field(default_factory=list)  # per commit row, processed scores
     logits: list[torch.Tensor | None] = field(default_factory=list)
+
+    def ready(self) -> bool:
+        """Whether reading the results would not block the host."""
+        return self.event is None or self.event.query()
 
 
 class Engine:
@@ -145,17 +150,22 @@ class Engine:
         self.scheduler = Scheduler(self.config, self.cache, self.num_slots)
         self.scheduler.add([r for r in requests if not self._done_before_start(r)])
         started = time.perf_counter()
-        pending: StepResults | None = None
+        pending: deque[StepResults] = deque()  # launched iterations whose results the host has not read
         try:
-            while self.scheduler.has_work or pending is not None:
+            while self.scheduler.has_work or pending:
                 rows = self.scheduler.plan() if self.scheduler.has_work else []
-                launched = self._launch(rows) if rows else None
-                if pending is not None:
-                    self._absorb(pending)
-                pending = launched
-                if not self.config.delayed_verification and pending is not None:
-                    self._absorb(pending)
-                    pending = None
+                if rows:
+                    pending.append(self._launch(rows))
+                if not self.config.delayed_verification:
+                    while pending:
+                        self._absorb(pending.popleft())
+                    continue
+                # Read finished iterations, never the one just queued. Wait only when nothing could be
+                # queued or the host ran two iterations ahead: the device always has work first.
+                while len(pending) > 1 and pending[0].ready():
+                    self._absorb(pending.popleft())
+                if pending and (not rows or len(pending) > 2):
+                    self._absorb(pending.popleft())
         finally:
             for request in list(self.scheduler.active):
                 self.scheduler.finish(request)
