@@ -2,7 +2,11 @@
 
 Every policy is written as a priority over positions: the ``count`` highest-priority positions
 among ``[0, old_len)`` are selected (positions from ``old_len`` on form the tail that drafts always
-see). ``+inf`` forces a position in, ``-inf`` keeps it out.
+see). ``+inf`` forces a position in, ``-inf`` keeps it out. Everything is batched tensor code: it runs
+on the device after every verification, inside the captured decode iteration, so it may not read
+anything back to the host or depend on per-request Python.
+
+docs/selection.md has the measurements behind the "pillar" knobs.
 """
 
 from __future__ import annotations
@@ -13,6 +17,37 @@ import torch.nn.functional as F
 SINK_TOKENS = 4  # "window": StreamingLLM's attention sinks
 PILLAR_POOL = 7  # "pillar": scores max-pooled over this many neighbouring positions
 PILLAR_RECENT_FRACTION = 0.5  # "pillar": share of the budget given to the most recent positions
+PILLAR_SINKS = 0  # "pillar": leading positions always selected
+
+
+def pillar_priority(
+    scores: torch.Tensor,
+    old_len: torch.Tensor,
+    count: torch.Tensor,
+    pool: int = PILLAR_POOL,
+    recent_fraction: float = PILLAR_RECENT_FRACTION,
+    sinks: int = PILLAR_SINKS,
+) -> torch.Tensor:
+    """Max-pooled scores, with the newest ``recent_fraction`` of the budget and ``sinks`` forced in.
+
+    Pooling rewards the neighbours of a high-scoring token: a draft that copies a span needs the
+    tokens around the one the verification looked at, which the verification's own queries had no
+    reason to attend to yet.
+    """
+    n = scores.shape[-1]
+    positions = torch.arange(n, device=scores.device)
+    candidate = positions[None, :] < old_len[:, None]  # [V, N]
+    if pool > 1:
+        pooled = F.max_pool1d(scores.flatten(0, 2).unsqueeze(1), pool, stride=1, padding=pool // 2)
+        priority = pooled.view_as(scores)
+    else:
+        priority = scores
+    forced = positions[None, :] < sinks
+    if recent_fraction > 0:
+        recent = torch.floor(count.to(torch.float32) * recent_fraction).long()
+        forced = forced | (positions[None, :] >= (old_len - recent)[:, None])
+    priority = priority.masked_fill((forced & candidate)[:, None, None, :], float("inf"))
+    return priority.masked_fill(~candidate[:, None, None, :], float("-inf"))
 
 
 def selection_priority(scores: torch.Tensor, old_len: torch.Tensor, count: torch.Tensor, policy: str) -> torch.Tensor:
@@ -28,19 +63,31 @@ def selection_priority(scores: torch.Tensor, old_len: torch.Tensor, count: torch
     positions = torch.arange(n, device=scores.device)
     candidate = positions[None, :] < old_len[:, None]  # [V, N]
     if policy == "paper":
-        priority = scores.clone()
+        # The published rule: raw Top-K of the averaged verification scores, no sink, no pooling.
+        priority = scores
     elif policy == "window":
-        priority = positions.to(torch.float32).expand_as(scores).clone()
-        priority[..., :SINK_TOKENS] = float("inf")
+        priority = positions.to(torch.float32).expand_as(scores)
+        priority = priority.masked_fill(positions < SINK_TOKENS, float("inf"))
     elif policy == "pillar":
-        pooled = F.max_pool1d(scores.flatten(0, 2).unsqueeze(1), PILLAR_POOL, stride=1, padding=PILLAR_POOL // 2)
-        priority = pooled.view_as(scores).clone()
-        recent = torch.floor(count.to(torch.float32) * PILLAR_RECENT_FRACTION).long()
-        forced = (positions[None, :] >= (old_len - recent)[:, None]) & candidate
-        priority = priority.masked_fill(forced[:, None, None, :], float("inf"))
+        return pillar_priority(scores, old_len, count)
     else:
         raise ValueError(f"unknown selection policy {policy!r}")
     return priority.masked_fill(~candidate[:, None, None, :], float("-inf"))
+
+
+def top_positions(priority: torch.Tensor, count: torch.Tensor, width: int) -> torch.Tensor:
+    """The ``count[v]`` highest-priority positions: [V, L, H, width] int32, ascending, -1 padded."""
+    k = min(width, priority.shape[-1])
+    top = torch.topk(priority, k, dim=-1, sorted=True).indices  # best first
+    rank_ok = torch.arange(k, device=priority.device)[None, :] < count[:, None]  # [V, k]
+    # Ascending positions read the pool in order; -1 padding goes last.
+    big = torch.iinfo(torch.int32).max
+    chosen = top.masked_fill(~rank_ok[:, None, None, :], big).to(torch.int64)
+    chosen = torch.sort(chosen, dim=-1).values
+    chosen = chosen.masked_fill(chosen == big, -1).to(torch.int32)
+    if k < width:
+        chosen = F.pad(chosen, (0, width - k), value=-1)
+    return chosen
 
 
 def select_tokens(
@@ -50,15 +97,4 @@ def select_tokens(
 
     ``count[v] <= min(old_len[v], width)`` entries of row ``v`` are valid.
     """
-    priority = selection_priority(scores, old_len, count, policy)
-    k = min(width, priority.shape[-1])
-    top = torch.topk(priority, k, dim=-1, sorted=True).indices  # best first
-    rank_ok = torch.arange(k, device=scores.device)[None, :] < count[:, None]  # [V, k]
-    # Ascending positions read the pool in order; -1 padding goes last.
-    big = torch.iinfo(torch.int32).max
-    chosen = top.masked_fill(~rank_ok[:, None, None, :], big).to(torch.int64)
-    chosen = torch.sort(chosen, dim=-1).values
-    chosen = chosen.masked_fill(chosen == big, -1).to(torch.int32)
-    if k < width:
-        chosen = F.pad(chosen, (0, width - k), value=-1)
-    return chosen
+    return top_positions(selection_priority(scores, old_len, count, policy), count, width)

@@ -1,0 +1,141 @@
+"""Selection policies (exact rules, shapes, padding) and the selection-mass diagnostic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import hf_sparsespec
+from hf_sparsespec.attention import selection as sel
+from hf_sparsespec.generation import engine as engine_module
+
+from conftest import code_prompts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def random_scores(v=3, layers=2, heads=2, n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # Distinct values: Top-K has a single right answer.
+    return torch.rand(v, layers, heads, n, generator=g)
+
+
+def valid(chosen: torch.Tensor, v: int, layer: int, head: int) -> list[int]:
+    row = chosen[v, layer, head].tolist()
+    return [p for p in row if p >= 0]
+
+
+def test_paper_is_raw_top_k_per_layer_and_head_without_sinks():
+    scores = random_scores()
+    old_len = torch.tensor([64, 40, 17])
+    count = torch.tensor([10, 7, 5])
+    chosen = sel.select_tokens(scores, old_len, count, "paper", width=12)
+    assert chosen.shape == (3, 2, 2, 12) and chosen.dtype == torch.int32
+    for v in range(3):
+        for layer in range(2):
+            for head in range(2):
+                s = scores[v, layer, head, : old_len[v]]
+                expected = sorted(torch.topk(s, int(count[v])).indices.tolist())
+                assert valid(chosen, v, layer, head) == expected
+                # Padding is -1 and sits after the valid, ascending entries.
+                assert chosen[v, layer, head, int(count[v]) :].eq(-1).all()
+
+
+def test_paper_ignores_position_zero_when_it_scores_low():
+    scores = random_scores(v=1)
+    scores[..., 0] = 0.0  # a sink would be kept by "window"; the published rule has none
+    chosen = sel.select_tokens(scores, torch.tensor([64]), torch.tensor([8]), "paper", width=8)
+    assert not (chosen == 0).any()
+
+
+def test_window_keeps_four_sinks_and_the_newest_positions():
+    scores = random_scores(v=1)
+    chosen = sel.select_tokens(scores, torch.tensor([50]), torch.tensor([10]), "window", width=10)
+    expected = [0, 1, 2, 3] + list(range(44, 50))
+    for layer in range(2):
+        for head in range(2):
+            assert valid(chosen, 0, layer, head) == expected
+
+
+@pytest.mark.parametrize("policy", ["paper", "window", "pillar"])
+def test_every_policy_selects_count_distinct_candidates(policy):
+    scores = random_scores(n=80)
+    old_len = torch.tensor([80, 33, 9])
+    count = torch.tensor([20, 12, 9])  # the last one takes every candidate
+    chosen = sel.select_tokens(scores, old_len, count, policy, width=24)
+    for v in range(3):
+        for layer in range(2):
+            for head in range(2):
+                picked = valid(chosen, v, layer, head)
+                assert len(picked) == int(count[v]) == len(set(picked))
+                assert picked == sorted(picked) and all(0 <= p < int(old_len[v]) for p in picked)
+
+
+def test_pillar_keeps_its_recent_share_and_pools_neighbours():
+    n, old, count = 200, 200, 40
+    scores = torch.full((1, 1, 1, n), 1e-4)
+    scores[..., 50] = 1.0  # one strong pillar far from the tail
+    chosen = valid(sel.select_tokens(scores, torch.tensor([old]), torch.tensor([count]), "pillar", width=count), 0, 0, 0)
+    recent = math.floor(count * sel.PILLAR_RECENT_FRACTION)
+    assert set(range(old - recent, old)) <= set(chosen)
+    half = sel.PILLAR_POOL // 2
+    if sel.PILLAR_POOL > 1:
+        assert set(range(50 - half, 50 + half + 1)) <= set(chosen)
+
+
+def test_positions_at_or_past_old_len_are_never_selected_even_when_they_score_high():
+    scores = random_scores(v=1, n=64)
+    scores[..., 40:] = 10.0  # the verification attends to its own tokens most
+    for policy in ("paper", "window", "pillar"):
+        chosen = sel.select_tokens(scores, torch.tensor([40]), torch.tensor([16]), policy, width=16)
+        assert chosen.max() < 40, policy
+
+
+# ---- selection-mass diagnostic through the engine ---------------------------------------------
+
+def generate(model, enc, **kw):
+    defaults = dict(
+        custom_generate=hf_sparsespec.generate, return_dict_in_generate=True, max_new_tokens=20, min_new_tokens=20,
+        do_sample=False, draft_len=4, min_budget=4, diagnostics=True,
+    )
+    return model.generate(**enc, **{**defaults, **kw})
+
+
+@pytest.fixture(scope="module")
+def short_code(bench_tokenizer):
+    return bench_tokenizer(code_prompts(bench_tokenizer, 192, 2), return_tensors="pt", padding=True)
+
+
+def test_mass_is_one_when_the_budget_covers_the_whole_context(bench_model, short_code):
+    stats = generate(bench_model, short_code, budget_ratio=1.0, selection="paper").spec_stats
+    mass = stats["selection_mass_per_layer"]
+    assert len(mass) == bench_model.config.num_hidden_layers
+    assert all(m == pytest.approx(1.0, abs=1e-5) for m in mass)
+
+
+def test_mass_is_partial_with_a_small_budget(bench_model, short_code):
+    stats = generate(bench_model, short_code, budget_ratio=0.05, selection="pillar").spec_stats
+    mass = stats["selection_mass_per_layer"]
+    assert all(0.0 < m < 1.0 for m in mass)
+    assert stats["num_verify_steps"] > 0
+
+
+def test_mass_ranks_a_good_selection_above_a_deliberately_bad_one(bench_model, short_code, monkeypatch):
+    good = generate(bench_model, short_code, budget_ratio=0.05, selection="paper").spec_stats
+
+    def worst_tokens(scores, old_len, count, policy, width):
+        # The opposite of the published rule: the positions the verification attended to least.
+        return sel.select_tokens(-scores, old_len, count, "paper", width)
+
+    monkeypatch.setattr(engine_module, "select_tokens", worst_tokens)
+    bad = generate(bench_model, short_code, budget_ratio=0.05, selection="paper").spec_stats
+    good_mass, bad_mass = good["selection_mass_per_layer"], bad["selection_mass_per_layer"]
+    assert sum(good_mass) / len(good_mass) > sum(bad_mass) / len(bad_mass) + 0.05
+    assert sum(g > b for g, b in zip(good_mass, bad_mass)) >= len(good_mass) - 1
+
+
+def test_no_mass_reported_without_diagnostics(bench_model, short_code):
+    stats = generate(bench_model, short_code, budget_ratio=0.05, max_new_tokens=8, min_new_tokens=8, diagnostics=False).spec_stats
+    assert "selection_mass_per_layer" not in stats
