@@ -53,12 +53,10 @@ class PagedKVCache(Cache):
         self.values = torch.zeros(shape, dtype=dtype, device=self.device)
         self.allocator = PageAllocator(num_pages)
         self._pages: dict[int, list[int]] = {}
-        # Bumped whenever a request's page list is dropped, so mirrors of it (the engine's device
-        # page table) know to resend it rather than diff it.
-        self._epoch: dict[int, int] = {}
+        # First page index of each request whose id may have changed since a mirror of the page
+        # lists (the engine's device page table) last took the changes.
+        self._changed: dict[int, int] = {}
         self._transfer_stream: torch.cuda.Stream | None = None
-        # Fewest pages each request had since a mirror last looked: pages past it may have changed.
-        self._low_water: dict[int, int] = {}
 
     # ---- transformers' Cache interface -------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -112,15 +110,20 @@ class PagedKVCache(Cache):
 
     def reserve(self, seq_id: int, length: int) -> None:
         """Make room for positions ``[0, length)``; raises ``OutOfPages`` without changing anything."""
+        pages = self._pages.get(seq_id)
+        if pages is not None and length <= len(pages) * self.page_size:
+            return  # the common case, once per row and iteration: keep it cheap
         pages = self._pages.setdefault(seq_id, [])
         missing = self.pages_for(length) - len(pages)
         if missing > 0:
             try:
-                pages.extend(self.allocator.allocate(missing))
+                new = self.allocator.allocate(missing)
             except OutOfPages:
                 if not pages:
                     del self._pages[seq_id]
                 raise
+            self._mark_changed(seq_id, len(pages))
+            pages.extend(new)
 
     def truncate(self, seq_id: int, length: int) -> None:
         """Release the pages that positions ``[0, length)`` do not touch (rejected drafts)."""
@@ -131,20 +134,19 @@ class PagedKVCache(Cache):
         if keep < len(pages):
             self.allocator.release(pages[keep:])
             del pages[keep:]
-            self._low_water[seq_id] = min(self._low_water.get(seq_id, keep), keep)
+            self._mark_changed(seq_id, keep)
 
-    def pages_unchanged_since_last_look(self, seq_id: int) -> int:
-        """How many leading pages of a request kept their ids since the previous call (for mirrors)."""
-        return self._low_water.pop(seq_id, len(self.pages(seq_id)))
+    def _mark_changed(self, seq_id: int, first_page: int) -> None:
+        self._changed[seq_id] = min(self._changed.get(seq_id, first_page), first_page)
+
+    def take_changes(self, seq_id: int) -> int | None:
+        """First page of the request that changed since the last call for it, or None."""
+        return self._changed.pop(seq_id, None)
 
     def release(self, seq_id: int) -> None:
         """Return every page of a finished (or offloaded) request."""
         self.allocator.release(self._pages.pop(seq_id, []))
-        self._epoch[seq_id] = self._epoch.get(seq_id, 0) + 1
-        self._low_water.pop(seq_id, None)
-
-    def epoch(self, seq_id: int) -> int:
-        return self._epoch.get(seq_id, 0)
+        self._mark_changed(seq_id, 0)
 
     def slots(self, seq_id: int, positions: torch.Tensor) -> torch.Tensor:
         """Pool slots of the given positions of one request."""

@@ -20,23 +20,24 @@ class SlotPageTable:
     def __init__(self, cache: PagedKVCache, num_slots: int, max_pages: int) -> None:
         self.cache = cache
         self.table = torch.full((num_slots, max_pages), -1, dtype=torch.long, device=cache.device)
-        self._mirror: list[tuple[int, int, int]] = [(-1, -1, 0)] * num_slots  # (seq_id, epoch, pages sent)
+        # Which request each slot's row currently mirrors: a slot handed to a new request is resent whole.
+        self._owner: list[int | None] = [None] * num_slots
 
     def sync(self, rows: list[Row]) -> None:
         slots, cols, values = [], [], []
         for row in rows:
             req = row.request
+            first = self.cache.take_changes(req.index)
+            if self._owner[req.slot] != req.index:
+                self._owner[req.slot] = req.index
+                first = 0
+            if first is None:
+                continue
             pages = self.cache.pages(req.index)
-            seq, epoch, sent = self._mirror[req.slot]
-            if seq != req.index or epoch != self.cache.epoch(req.index):
-                sent = 0
-            # Pages past a truncation may have been handed out again, possibly with other ids.
-            sent = min(sent, self.cache.pages_unchanged_since_last_look(req.index))
-            for col in range(sent, len(pages)):
+            for col in range(first, len(pages)):
                 slots.append(req.slot)
                 cols.append(col)
                 values.append(pages[col])
-            self._mirror[req.slot] = (req.index, self.cache.epoch(req.index), len(pages))
         if values:
             if max(cols) >= self.table.shape[1]:
                 raise RuntimeError("a request outgrew the engine's page table; this is a bug in context sizing")
