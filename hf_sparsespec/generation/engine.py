@@ -113,7 +113,13 @@ class Engine:
         self.max_kv = max_context + k + 1
         self.page_table = SlotPageTable(cache, num_slots + 1, cache.pages_for(self.max_kv))
         self.runner = ModelRunner(model, cache, self.round_tokens, self.selection, self.sel_count, self.page_table, use_triton)
-        self.graphs = StepGraphs(device, padding_values(self.dummy_slot)) if use_graphs else None
+        self.use_graphs = use_graphs
+        # Captured graphs bake in the logits processors, so each processing plan gets its own set.
+        self._graph_sets: dict[tuple, StepGraphs] = {}
+        self.graphs: StepGraphs | None = None
+        # Buffers that graphs write to must outlive a call: later calls replay the same graphs.
+        self._draft_probs: torch.Tensor | None = None
+        self._presence: torch.Tensor | None = None
         self.graph_scores = (
             torch.zeros(num_slots, cache.num_layers, cache.num_kv_heads, self.max_kv, dtype=torch.float32, device=device)
             if use_graphs and config.speculate
@@ -137,14 +143,14 @@ class Engine:
         self.plan, self.eos_ids, self.stop_check, self.on_commit = plan, eos_ids, stop_check, on_commit
         self.keep_scores, self.keep_logits = keep_scores, keep_logits
         device = self.cache.device
-        self.draft_probs = (
-            torch.zeros(self.num_slots + 1, self.config.draft_len, self.vocab_size, device=device) if plan.do_sample else None
-        )
-        self.presence = (
-            torch.zeros(self.num_slots + 1, self.vocab_size + 1, dtype=torch.bool, device=device)
-            if plan.needs_presence
-            else None
-        )
+        if plan.do_sample and self._draft_probs is None:
+            self._draft_probs = torch.zeros(self.num_slots + 1, self.config.draft_len, self.vocab_size, device=device)
+        if plan.needs_presence and self._presence is None:
+            self._presence = torch.zeros(self.num_slots + 1, self.vocab_size + 1, dtype=torch.bool, device=device)
+        self.draft_probs = self._draft_probs if plan.do_sample else None
+        self.presence = self._presence if plan.needs_presence else None
+        if self.use_graphs:
+            self.graphs = self._graph_sets.setdefault(plan.signature, StepGraphs(device, padding_values(self.dummy_slot)))
         self.stats = SpecStats()
         self.runner.selection_mass = SelectionMass(self.cache.num_layers, device) if self.config.diagnostics else None
         self.scheduler = Scheduler(self.config, self.cache, self.num_slots)

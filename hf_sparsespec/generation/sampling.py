@@ -66,6 +66,8 @@ class LogitsPlan:
                     "drafts. Supported: temperature, top-k, top-p, min-p, typical, epsilon, eta, suppress_tokens, "
                     "repetition_penalty, min_length and min_new_tokens. Drop that option or use plain `generate`."
                 )
+        self.signature = (do_sample, tuple(_describe(proc) for proc in self.steps))
+        self._eos_masks: dict[tuple, torch.Tensor] = {}
         penalties = [p for p in self.steps if isinstance(p, lp.RepetitionPenaltyLogitsProcessor)]
         if len(penalties) > 1:
             raise NotImplementedError("SparseSpec supports one repetition penalty processor per call.")
@@ -94,12 +96,20 @@ class LogitsPlan:
                     too_short = state.hf_length < proc.min_length
                 else:
                     too_short = (state.hf_length - proc.prompt_length_to_skip) < proc.min_new_tokens
-                eos = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
-                eos[torch.as_tensor(proc.eos_token_id, device=scores.device).long().view(-1)] = True
+                eos = self._eos_mask(proc, scores.shape[-1], scores.device)
                 scores = scores.masked_fill(too_short[:, None] & eos[None, :], float("-inf"))
             else:
                 scores = proc(dummy_ids, scores)
         return scores
+
+    def _eos_mask(self, proc, vocab: int, device: torch.device) -> torch.Tensor:
+        # Built once outside graph capture: a host-to-device copy is not allowed while capturing.
+        key = (id(proc), vocab, device)
+        if key not in self._eos_masks:
+            mask = torch.zeros(vocab, dtype=torch.bool)
+            mask[torch.as_tensor(proc.eos_token_id).long().view(-1).cpu()] = True
+            self._eos_masks[key] = mask.to(device)
+        return self._eos_masks[key]
 
     def pick(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Choose one token per row; also return the probabilities sampled from (None when greedy)."""
@@ -107,6 +117,18 @@ class LogitsPlan:
             return torch.argmax(scores, dim=-1), None
         probs = torch.softmax(scores, dim=-1)
         return torch.multinomial(probs, 1).squeeze(1), probs
+
+
+def _describe(proc) -> tuple:
+    """A hashable summary of a processor's settings: equal summaries process scores identically."""
+    def freeze(value):
+        if isinstance(value, torch.Tensor):
+            return tuple(value.view(-1).tolist())
+        if isinstance(value, (list, tuple)):
+            return tuple(freeze(v) for v in value)
+        return value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)
+
+    return (type(proc).__name__, tuple(sorted((k, freeze(v)) for k, v in vars(proc).items())))
 
 
 def verify_drafts(
