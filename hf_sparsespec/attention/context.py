@@ -46,6 +46,9 @@ class StepContext:
     max_kv_len: int  # an upper bound of kv_len, known on the host without a sync
     use_triton: bool = False
     selection_mass: "SelectionMass | None" = None  # diagnostics only (reference path)
+    # (first token, length) of each row, known on the host when every row is a prompt's first
+    # chunk: such a step needs no cache reads, and plain causal attention over its own keys does.
+    fresh_prefill_rows: list[tuple[int, int]] | None = None
 
     @property
     def num_rows(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from .context import get_step_context
@@ -37,11 +38,31 @@ def sparsespec_attention(
         )
     ctx = get_step_context()
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if ctx.fresh_prefill_rows is not None:
+        return fresh_prefill_attention(query, key, value, ctx, scale), None
     if ctx.use_triton:
         from .triton_kernels import paged_attention
 
         return paged_attention(query, key, value, ctx, module.layer_idx, scale), None
     return reference_attention(query, key, value, ctx, module.layer_idx, scale), None
+
+
+def fresh_prefill_attention(
+    query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ctx, scale: float
+) -> torch.Tensor:
+    """Causal attention of prompts' first chunks over their own tokens, through PyTorch's fused SDPA.
+
+    Nothing is cached before these rows, so the keys are exactly the ones this step just wrote.
+    """
+    keys = k_pool[ctx.slot_mapping].transpose(0, 1)  # [H, T, D]
+    values = v_pool[ctx.slot_mapping].transpose(0, 1)
+    out = torch.empty_like(query)  # (1, Hq, T, D)
+    for start, n in ctx.fresh_prefill_rows:
+        rows = slice(start, start + n)
+        out[0, :, rows] = F.scaled_dot_product_attention(
+            query[0, :, rows], keys[:, rows], values[:, rows], is_causal=True, scale=scale, enable_gqa=True
+        )
+    return out.transpose(1, 2)
 
 
 def register_attention() -> None:

@@ -214,7 +214,7 @@ class Engine:
             if step.num_scores:
                 shape = (step.num_scores, self.cache.num_layers, self.cache.num_kv_heads, step.max_kv_len)
                 attn_scores = torch.zeros(shape, dtype=torch.float32, device=self.cache.device)
-            results, scores, logits = self._device_step(views, attn_scores, step.max_kv_len)
+            results, scores, logits = self._device_step(views, attn_scores, step.max_kv_len, step.fresh_prefill_rows)
         self.stats.num_forward_passes += 1
 
         # Host state that does not depend on device results moves on now.
@@ -235,11 +235,17 @@ class Engine:
     def _device_step_captured(self, views: dict[str, torch.Tensor]):
         return self._device_step(views, self.graph_scores, self.max_kv)
 
-    def _device_step(self, v: dict[str, torch.Tensor], attn_scores: torch.Tensor | None, max_kv: int):
+    def _device_step(
+        self,
+        v: dict[str, torch.Tensor],
+        attn_scores: torch.Tensor | None,
+        max_kv: int,
+        fresh_prefill_rows: list[tuple[int, int]] | None = None,
+    ):
         """Everything an iteration does on the device; shapes come from the inputs alone, so this
         also runs under CUDA-graph capture. Returns ([n, k + 2] results, processed scores, logits)."""
         k = self.config.draft_len
-        logits = self.runner.forward(v, attn_scores, max_kv)
+        logits = self.runner.forward(v, attn_scores, max_kv, fresh_prefill_rows)
         scores = self.plan.apply(logits, self._position_state(v))
         parts = []
         if v["single_pos"].shape[0]:

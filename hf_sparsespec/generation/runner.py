@@ -72,7 +72,13 @@ class ModelRunner:
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.keeps_logits = "logits_to_keep" in params
 
-    def forward(self, views: dict[str, torch.Tensor], scores: torch.Tensor | None, max_kv: int) -> torch.Tensor:
+    def forward(
+        self,
+        views: dict[str, torch.Tensor],
+        scores: torch.Tensor | None,
+        max_kv: int,
+        fresh_prefill_rows: list[tuple[int, int]] | None = None,
+    ) -> torch.Tensor:
         """float32 logits [len(logits_index), vocab]; verification rows write PillarAttn ``scores``."""
         gather = views["gather"]
         ids = torch.where(gather >= 0, self.round_tokens.view(-1)[gather.clamp(min=0)], views["ids_host"])

@@ -46,6 +46,7 @@ class HostStep:
     commit_rows: list[int]  # rows whose tokens are committed by this step: ends of prefill, verifications
     commit_singles: list[int]  # for each committing end of prefill, its index among the sampled singles
     commit_positions: list[np.ndarray]  # logits rows of each committed row's tokens, in that order
+    fresh_prefill_rows: list[tuple[int, int]] | None  # (first token, length) when every row starts a prompt
 
 
 def build_step(
@@ -154,5 +155,8 @@ def build_step(
         has_prefill=bool((kind == PREFILL).any()),
         commit_rows=commit_single.tolist() + verify_rows.tolist(),
         commit_singles=np.nonzero(~single_is_draft)[0].tolist(),
+        fresh_prefill_rows=(
+            list(zip(q_start.tolist(), n.tolist())) if bool(((kind == PREFILL) & (start == 0)).all()) else None
+        ),
         commit_positions=commit_positions,
     )
