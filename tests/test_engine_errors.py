@@ -1,0 +1,87 @@
+"""Inputs SparseSpec cannot decode correctly are refused with an error that names the problem.
+
+Unsupported generation modes (beam search, output_attentions, ...) are covered with the rest of the
+call surface in test_surface_errors.py; this module covers padding and SparseSpec's own parameters.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_sparsespec import SparseSpecConfig
+
+from conftest import tiny_model
+
+IDS = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 11, 12, 13, 14]])
+LEFT_MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("qwen3")
+
+
+def generate(model, ids=IDS, mask=LEFT_MASK, **options):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, custom_generate="sparsespec", **options)
+
+
+def test_left_padding_is_accepted(model):
+    assert generate(model).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]),  # right padding
+        torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 1, 1]]),  # a hole inside the prompt
+    ],
+    ids=["right padding", "hole"],
+)
+def test_padding_after_a_token_is_refused(model, mask):
+    with pytest.raises(ValueError, match="left-padded.*padding_side = 'left'"):
+        generate(model, mask=mask)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_all_padding_row_is_refused(model):
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
+    with pytest.raises(ValueError, match="Row 1 of `input_ids` has no unpadded token"):
+        generate(model, mask=mask)
+    assert model.config._attn_implementation == "sdpa"
+
+
+BAD_VALUES = [
+    ("draft_len", 0),
+    ("draft_len", 2.5),
+    ("draft_len", True),
+    ("selection", "foo"),
+    ("budget_ratio", 2),
+    ("budget_ratio", 0),
+    ("min_budget", 0),
+    ("max_budget", -1),
+    ("page_size", 0),
+    ("max_batch_size", 0),
+    ("prefill_chunk", 0),
+    ("kv_pool_tokens", 0),
+    ("kv_memory_fraction", 1.5),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_VALUES, ids=[f"{n}={v!r}" for n, v in BAD_VALUES])
+def test_invalid_parameter_names_itself(model, name, value):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        SparseSpecConfig(**{name: value})
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        generate(model, **{name: value})
+
+
+def test_min_budget_above_max_budget(model):
+    with pytest.raises(ValueError, match="`min_budget` \\(64\\) exceeds `max_budget` \\(32\\)"):
+        generate(model, min_budget=64, max_budget=32)
+
+
+def test_keywords_override_a_bundled_config(model):
+    # Each alone is valid; the override must be checked together with the bundled values.
+    with pytest.raises(ValueError, match="`min_budget` \\(16\\) exceeds `max_budget` \\(8\\)"):
+        generate(model, sparsespec_config=SparseSpecConfig(min_budget=16, max_budget=32), max_budget=8)
