@@ -191,6 +191,7 @@ def run_bench(args, rows: list) -> None:
                 rows.append(measure(model, "bench-code-lm", ids, method, n, sampling, bpt, wb, note))
             except Exception as exc:  # a failed baseline must not lose the other rows
                 print(f"FAILED {method} batch={batch} context={context}: {exc!r}", flush=True)
+            write_tables(rows, args.out)  # after every row: a run cut short keeps what it measured
         torch.cuda.empty_cache()
 
 
@@ -205,11 +206,13 @@ def run_qwen8b(args, rows: list) -> None:
                                 dict(do_sample=False), bpt, wb, note, extra=dict(unified_schedule=False)))
         except Exception as exc:
             print(f"FAILED qwen8b {method}: {exc!r}", flush=True)
+        write_tables(rows, args.out)
 
 
 def write_tables(rows: list, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "throughput.json").write_text(json.dumps(rows, indent=1))
+    name = "throughput" if any(r["model"] == "bench-code-lm" for r in rows) else "throughput_qwen8b"
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     cols = ["model", "batch", "prompt_len", "new_tokens", "method", "tokens_per_s", "mean_accepted",
             "ms_per_draft_step", "ms_per_verify_step", "ms_per_mixed_step", "floor_ratio", "note"]
 
@@ -220,7 +223,7 @@ def write_tables(rows: list, out: Path) -> None:
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    (out / "throughput.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
 
@@ -243,7 +246,9 @@ def write_tables(rows: list, out: Path) -> None:
             ax.set_title(f"bench-code-lm on H200, context ~{ctx} tokens")
             ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "throughput.png", dpi=120)
+        if bench:
+            fig.savefig(out / "throughput.png", dpi=120)
+        plt.close(fig)
     except ImportError:
         print("matplotlib missing: no plot")
 
@@ -275,7 +280,9 @@ def main() -> None:
             run_qwen8b(args, rows)
     finally:
         write_tables(rows, args.out)
-    print((args.out / "throughput.md").read_text())
+    for name in ("throughput.md", "throughput_qwen8b.md"):
+        if (args.out / name).exists():
+            print((args.out / name).read_text())
 
 
 if __name__ == "__main__":
