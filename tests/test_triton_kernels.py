@@ -25,15 +25,19 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# name: (page_size, kv_heads, group, head_dim, dtype, overrides for paged_attention)
+# name: (page_size, kv_heads, group, head_dim, dtype, overrides for paged_attention). Batches of many
+# tokens per row take the prefill tile shape, graph-like ones (a row per token) the decode shape.
 CASES = {
-    "page1_g1_d16_fixed_splits": (1, 2, 1, 16, "float32", dict(block_n=16, max_splits=4, split_tokens=16, num_programs=3)),
-    "page16_g3_d32_fixed_splits": (16, 2, 3, 32, "float32", dict(block_n=16, max_splits=3, split_tokens=16)),
-    "page16_g3_d64_one_split": (16, 1, 3, 64, "float32", dict(block_n=32, max_splits=1)),
+    "page1_g1_d16_fixed_splits": (1, 2, 1, 16, "float32", dict(block_n=16, split_tokens=16)),
+    # Splits that are not whole KV blocks, several query tiles per row.
+    "page16_g3_d32_fixed_splits": (16, 2, 3, 32, "float32", dict(block_m=16, block_n=16, split_tokens=24)),
+    "page16_g3_d64_one_split": (16, 1, 3, 64, "float32", dict(block_n=32, split_tokens=4096)),
     "page1_g3_d32_fp16_default": (1, 2, 3, 32, "float16", {}),
-    "page16_g1_d64_fp16_adaptive_splits": (16, 2, 1, 64, "float16", dict(block_m=64, block_n=16, num_programs=64)),
+    # Splits sized on the device from the step's work (G=1 lets short rows split).
+    "page16_g1_d64_fp16_adaptive_splits": (16, 2, 1, 64, "float16", dict(block_m=64, block_n=16, target_items=64)),
     # As a captured CUDA graph sees it: padding rows up to one row per token, max_kv_len far above.
-    "graph_like_page16_g3_d16": (16, 2, 3, 16, "float32", dict(block_n=16, num_programs=64, graph_like=True)),
+    "graph_like_page16_g3_d16": (16, 2, 3, 16, "float32", dict(block_n=16, target_items=64, graph_like=True)),
+    "graph_like_page1_g1_d32_default": (1, 2, 1, 32, "float32", dict(graph_like=True)),
 }
 # bfloat16 attention is checked only on the GPU (benchmarks/kernels_check.py): Triton 3.9's interpreter
 # computes tl.dot on bfloat16 operands wrongly (a lone 16x16 product is off by orders of magnitude).
@@ -62,6 +66,8 @@ def _rows_spec(rng):
         ("draft", 2, 50, 41, int(rng.integers(10, 20)), False),  # two draft tokens in one row
         ("full", 6, 38, 0, 0, False),  # verification without scores
         ("full", 23, 48, 0, 0, True),  # scores over several query tiles
+        ("full", 1, 90, 0, 0, False),  # a long decode row: splits
+        ("draft", 1, 120, 100, 30, False),  # a long draft: splits over selection and tail
     ]
 
 
@@ -84,7 +90,7 @@ def build_batch(page_size, kv_heads, group, head_dim, dtype, layers=2, layer=1, 
     v_all = torch.full(pool_shape, float("nan"), dtype=dtype)
     perm = rng.permutation(num_pages)
     block_tables = torch.full((num_rows, pages_per_row + 2), -1, dtype=torch.int64)
-    sel_width = 24
+    sel_width = 32
     num_slots = num_rows + 1
     selection = torch.full((num_slots, layers, kv_heads, sel_width), -1, dtype=torch.int32)
     sel_count = torch.zeros(num_slots, dtype=torch.int32)
@@ -209,10 +215,9 @@ def _check_write_kv(case):
 # lets through (types, layouts, lowering). Integer strides are marked divisible by 16, as the launcher
 # specialises head-dim multiples, so this is the vectorised code path the GPU gets.
 SM90_KERNELS = {
-    "attention_decode": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, WRITE_LSE=True, DOT_PRECISION="tf32"), 4),
-    "attention_prefill": ("_attention_kernel", dict(BLOCK_M=64, QPT=16, PAGE=1, BLOCK_N=64, WRITE_LSE=False, DOT_PRECISION="tf32"), 8),
-    "merge": ("_merge_kernel", dict(BLOCK_M=16, QPT=4, WRITE_LSE=True), 4),
-    "score": ("_score_kernel", dict(BLOCK_M=64, QPT=16, PAGE=16, BLOCK_N=64, DOT_PRECISION="tf32"), 8),
+    "attention_decode": ("_attention_kernel", dict(BLOCK_M=64, QPT=16, PAGE=16, BLOCK_N=64, WRITE_LSE=True, DOT_PRECISION="tf32"), 8),
+    "attention_prefill": ("_attention_kernel", dict(BLOCK_M=128, QPT=32, PAGE=1, BLOCK_N=64, WRITE_LSE=False, DOT_PRECISION="tf32"), 8),
+    "finish": ("_finish_kernel", dict(BLOCK_M=64, QPT=16, PAGE=16, BLOCK_N=64, WRITE_SCORES=True, DOT_PRECISION="tf32"), 8),
     "write_kv": ("_write_kv_kernel", dict(H=8, H_PAD=8, D=128, D_PAD=128), 4),
 }
 
@@ -227,7 +232,7 @@ def _compile_sm90(name: str) -> dict:
     kernel_name, constexprs, warps = SM90_KERNELS[name]
     fn = getattr(triton_kernels, kernel_name)
     if kernel_name != "_write_kv_kernel":  # Qwen3-8B: 32 query heads over 8 KV heads of 128
-        constexprs = dict(G=4, HKV=8, HQ=32, D=128, D_PAD=128, R_PAD=256, ITEMS_PER_PROGRAM=2, MIN_CHUNK=128, **constexprs)
+        constexprs = dict(G=4, HKV=8, HQ=32, D=128, D_PAD=128, R_PAD=256, SPLIT_COST=16, **constexprs)
     ints = {"bt_ptr": "i64", "sel_ptr": "i32", "sel_count_ptr": "i32", "is_draft_ptr": "i1", "slot_ptr": "i64"}
     metadata = ("q_start_ptr", "q_len_ptr", "kv_len_ptr", "tail_ptr", "sel_slot_ptr", "score_row_ptr")
     fp32 = ("lse_ptr", "part_o_ptr", "part_lse_ptr", "scores_ptr")

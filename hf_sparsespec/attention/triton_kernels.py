@@ -3,15 +3,20 @@ PillarAttn scores, and the KV write. ``reference.py`` holds the semantics; these
 
 Everything here is CUDA-graph capturable and never reads a device value on the host: launch
 grids and buffer sizes depend only on tensor shapes and on ``ctx.max_kv_len`` (a host int).
-The kernels are persistent: each program walks a list of work items that it derives on the
-device from the row metadata, so a graph captured for a padded bucket of rows spends no
-programs on padding rows, and long rows are cut into equal KV chunks (split-KV, as in
-flash-decoding) whose partial results a second kernel merges.
 
-Work item of the attention kernel: (row, query tile, KV split, KV head). A query tile holds
-``BLOCK_M // G`` consecutive queries of one row times the ``G`` query heads of one KV group,
-so each KV block is loaded once per group. Draft rows see a virtual KV sequence: their
-selected positions followed by the tail ``[tail_start, kv_len)``; full rows see ``[0, kv_len)``.
+Work is cut into items (row, query tile, KV split, KV head), one program each. A query tile
+holds ``QPT`` consecutive queries of one row times the ``G`` query heads of one KV group, so
+each KV block is loaded once per group; in decode steps one tile holds a whole verification
+row. Draft rows see a virtual KV sequence: their selected positions followed by the tail
+``[tail_start, kv_len)``; full rows see ``[0, kv_len)``. How many splits a row gets depends on
+the step's total work, which only the device knows, so every program derives the item list
+from the row metadata itself (one vectorised pass, no loop over items) and the grid is an
+upper bound from shapes; programs past the real items return at once.
+
+Two launches: the attention kernel writes final outputs of unsplit rows and per-split partials
+of split rows; the finish kernel, over the same items, merges the partials and computes the
+PillarAttn scores of verification rows, which need the final log-sum-exp and so a second look
+at K.
 """
 
 from __future__ import annotations
@@ -27,14 +32,14 @@ from .context import StepContext
 __all__ = ["paged_attention", "write_kv"]
 
 _LOG2E = 1.4426950408889634
-# Programs per SM for the persistent kernels: enough resident loads to keep HBM busy.
-_PROGRAMS_PER_SM = 4
-# Work items per program the chunk size aims at: more evens out uneven items, fewer saves
-# per-item overhead and (for attention) merging.
-_ITEMS_PER_PROGRAM = 2
-# Shortest KV chunk, in KV blocks: an item also pays for finding its row and storing its result.
-_MIN_CHUNK_BLOCKS = 2
-# Cap on the fp32 split-KV partial outputs allocated per call.
+# Items the split sizing aims at, per SM: several per SM keep HBM busy and even out the end of
+# the step (items differ in size), while each extra split adds a partial to write and merge.
+_ITEMS_PER_SM = 8
+# A split must read at least this many KV positions per query row of its tile: a split's
+# partial output (one fp32 row of D per query row, written and read back) then costs a few
+# percent of its KV reads.
+_SPLIT_COST = 16
+# Cap on the fp32 split partials allocated per call (the item target shrinks to fit).
 _PARTIAL_BYTES = 64 << 20
 
 
@@ -50,20 +55,31 @@ def _pow2(x: int, at_least: int = 1) -> int:
 
 
 @triton.jit
-def _rows(
-    q_start_ptr, q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
-    R, SEL_WIDTH, FIXED_CHUNK, MAX_SPLITS, WORKERS,
-    QPT: tl.constexpr, R_PAD: tl.constexpr, HKV: tl.constexpr, ITEMS_PER_PROGRAM: tl.constexpr, MIN_CHUNK: tl.constexpr,
-):
-    """Per-row vectors every program needs to find its work: loaded once, kept in registers.
+def _pick(vec, sel):
+    """The entry of ``vec`` where ``sel`` holds (a register-only gather of one row's value)."""
+    return tl.sum(tl.where(sel, vec, 0), axis=0)
 
-    The split size follows the step's actual work (known only on the device): chunks are sized so
-    the ``WORKERS`` programs get about ``_ITEMS_PER_PROGRAM`` items each, whether the step is one
-    16k-token row or a hundred short drafts. ``FIXED_CHUNK > 0`` overrides it (tests, tuning).
+
+@triton.jit
+def _item(
+    q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
+    R, SEL_WIDTH, TARGET, FIXED_CHUNK,
+    G: tl.constexpr, HKV: tl.constexpr, QPT: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    SPLIT_COST: tl.constexpr,
+):
+    """This program's item, derived from the row metadata. Both kernels call it with the same
+    arguments, so they agree on the items.
+
+    Splits are sized from the whole step's work: ``chunk`` is about the KV positions per item
+    that give ``TARGET`` items per KV head, whether the step is one 16k-token row or a hundred
+    short drafts, but never below what makes a split worth its partial (``SPLIT_COST``).
+    ``FIXED_CHUNK > 0`` overrides it (tests). All tiles of a row share the row's split ranges.
+
+    Returns (unit, row, head, tile, split, n, kv, tail, cnt, chunk, splits, part_start);
+    ``unit < 0`` for a program past the last item.
     """
     idx = tl.arange(0, R_PAD)
     ok = idx < R
-    q0 = tl.load(q_start_ptr + idx, mask=ok, other=0).to(tl.int32)
     n = tl.load(q_len_ptr + idx, mask=ok, other=0).to(tl.int32)
     kv = tl.load(kv_len_ptr + idx, mask=ok, other=0).to(tl.int32)
     draft = tl.load(is_draft_ptr + idx, mask=ok, other=0).to(tl.int32) != 0
@@ -73,20 +89,32 @@ def _rows(
     cnt = tl.minimum(tl.maximum(cnt, 0), SEL_WIDTH)
     # A full row is a draft row with nothing selected and its tail starting at 0: one code path.
     tail = tl.where(draft, tail, 0)
-    # Splits are sized by the row's whole KV length so all query tiles of a row agree on them.
     seen = cnt + tl.maximum(kv - tail, 0)
     tiles = tl.cdiv(n, QPT)
-    work = tl.sum(tiles.to(tl.int64) * seen, axis=0) * HKV
-    chunk = tl.maximum(tl.cdiv(work, WORKERS * ITEMS_PER_PROGRAM), MIN_CHUNK)
+    work = tl.sum(tiles.to(tl.int64) * seen, axis=0)
+    per_item = tl.cdiv(tl.cdiv(work, TARGET).to(tl.int32), BLOCK_N) * BLOCK_N
+    worth = tl.cdiv(SPLIT_COST * G * tl.minimum(n, QPT), BLOCK_N) * BLOCK_N
+    chunk = tl.maximum(tl.maximum(per_item, worth), BLOCK_N)
     chunk = tl.where(FIXED_CHUNK > 0, FIXED_CHUNK, chunk)
-    splits = tl.minimum(tl.maximum(tl.cdiv(seen, chunk), 1), MAX_SPLITS).to(tl.int32)
-    return idx, q0, n, kv, tail, slot, cnt, splits, tiles
+    splits = tl.where(tiles > 0, tl.maximum(tl.cdiv(seen, chunk), 1), 0)
+    units = tiles * splits
+    ends = tl.cumsum(units, axis=0)
+    split_units = tl.where(splits > 1, units, 0)
+    split_ends = tl.cumsum(split_units, axis=0)
 
-
-@triton.jit
-def _pick(vec, sel):
-    """The entry of ``vec`` where ``sel`` holds (a register-only gather of one row's value)."""
-    return tl.sum(tl.where(sel, vec, 0), axis=0)
+    item = tl.program_id(0)
+    unit = item // HKV
+    head = item % HKV
+    row = tl.sum((ends <= unit).to(tl.int32), axis=0)
+    sel = idx == row
+    row_splits = _pick(splits, sel)
+    u = unit - (_pick(ends, sel) - _pick(units, sel))
+    unit = tl.where(unit < tl.sum(units, axis=0), unit, -1)
+    return (
+        unit, row, head, u // tl.maximum(row_splits, 1), u % tl.maximum(row_splits, 1),
+        _pick(n, sel), _pick(kv, sel), _pick(tail, sel), _pick(cnt, sel), _pick(chunk, sel), row_splits,
+        _pick(split_ends, sel) - _pick(split_units, sel),
+    )
 
 
 @triton.jit
@@ -102,209 +130,219 @@ def _tile_rows(qi0, n, q0, kv, h, G: tl.constexpr, QPT: tl.constexpr, BLOCK_M: t
 
 
 @triton.jit
-def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
-    q_start_ptr, q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
-    bt_ptr, sel_ptr,
-    R, SEL_WIDTH, FIXED_CHUNK, MAX_SPLITS, WORKERS, qk_scale,
-    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh,
-    stride_bt, stride_sel_s, stride_sel_h,
-    G: tl.constexpr, HKV: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, QPT: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
-    ITEMS_PER_PROGRAM: tl.constexpr, MIN_CHUNK: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _attend(
+    acc, m_i, l_i, q, qpos, start, end, k_base, v_base, stride_ks, stride_vs, bt_row, sel_row, cnt, tail, qk_scale,
+    D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    SELECTED: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    idx, q0s, ns, kvs, tails, slots, cnts, splits, tiles = _rows(
-        q_start_ptr, q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
-        R, SEL_WIDTH, FIXED_CHUNK, MAX_SPLITS, WORKERS, QPT, R_PAD, HKV, ITEMS_PER_PROGRAM, MIN_CHUNK,
-    )
-    units = tiles * splits
-    ends = tl.cumsum(units, axis=0)
-    total = tl.sum(units, axis=0) * HKV
+    """Online softmax over virtual KV indices [start, end): selected positions or the tail.
+    Unmasked calls get whole blocks of the tail that every query of the tile sees, so they skip
+    the bounds and causal masks."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < D
-    for item in range(tl.program_id(0), total, tl.num_programs(0)):
-        unit = item // HKV
-        h = item % HKV
-        row = tl.sum((ends <= unit).to(tl.int32), axis=0)
-        sel = idx == row
-        q0 = _pick(q0s, sel)
-        n = _pick(ns, sel)
-        kv = _pick(kvs, sel)
-        tail = _pick(tails, sel)
-        cnt = _pick(cnts, sel)
-        row_splits = _pick(splits, sel)
-        row_tiles = _pick(tiles, sel)
-        u = unit - (_pick(ends, sel) - _pick(units, sel))
-        split = u // row_tiles
-        qi0 = (u % row_tiles) * QPT
-        row_ok, token, head, qpos = _tile_rows(qi0, n, q0, kv, h, G, QPT, BLOCK_M)
-
-        # Causality bounds what this tile can see: KV past its last query is never read.
-        limit = kv - n + tl.minimum(n, qi0 + QPT)
-        seen = cnt + tl.maximum(limit - tail, 0)
-        chunk = tl.cdiv(tl.cdiv(seen, row_splits), BLOCK_N) * BLOCK_N
-        lo = split * chunk
-        hi = tl.minimum(lo + chunk, seen)
-
-        q = tl.load(
-            q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-            mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-        ).to(k_ptr.dtype.element_ty)
-        sel_row = sel_ptr + _pick(slots, sel) * stride_sel_s + h * stride_sel_h
-        bt_row = bt_ptr + row.to(tl.int64) * stride_bt
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-        for start in range(lo, hi, BLOCK_N):
-            j = start + offs_n
-            j_ok = j < hi
-            picked = tl.load(sel_row + j, mask=j_ok & (j < cnt), other=0)
-            pos = tl.where(j < cnt, picked, tail + j - cnt)
+    for blk in range(start, end, BLOCK_N):
+        j = blk + offs_n
+        if MASKED:
+            j_ok = j < end
+            if SELECTED:
+                pos = tl.load(sel_row + j, mask=j_ok, other=0)
+            else:
+                pos = tail + j - cnt
             page = tl.load(bt_row + pos // PAGE, mask=j_ok, other=0)
-            kv_slot = page.to(tl.int64) * PAGE + pos % PAGE
             kv_mask = j_ok[:, None] & d_ok[None, :]
-            # Masked lanes read as zero so stale or NaN pool memory never reaches the dots.
-            k = tl.load(k_ptr + kv_slot[:, None] * stride_ks + h * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + kv_slot[:, None] * stride_vs + h * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            visible = j_ok[None, :] & (pos[None, :] <= qpos[:, None])
-            s = tl.where(visible, s, float("-inf"))
+        else:
+            pos = tail + j - cnt
+            page = tl.load(bt_row + pos // PAGE)
+            kv_mask = d_ok[None, :]
+        kv_slot = page.to(tl.int64) * PAGE + pos % PAGE
+        # Masked lanes read as zero so stale or NaN pool memory never reaches the dots.
+        k = tl.load(k_base + kv_slot[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + kv_slot[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            s = tl.where(j_ok[None, :] & (pos[None, :] <= qpos[:, None]), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             # A row that has seen nothing yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_ref)
-            p = tl.exp2(s - m_ref[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
-
-        o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        lse = m_i + tl.log2(l_i)  # base-2, in units of qk_scale; -inf where nothing was visible
-        o_mask = row_ok[:, None] & d_ok[None, :]
-        if row_splits == 1:
-            tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-                     o.to(out_ptr.dtype.element_ty), mask=o_mask)
-            if WRITE_LSE:
-                tl.store(lse_ptr + token * HQ + head, lse, mask=row_ok)
         else:
-            part = (token * HQ + head) * MAX_SPLITS + split
-            tl.store(part_o_ptr + part[:, None] * D_PAD + offs_d[None, :], o, mask=o_mask)
-            tl.store(part_lse_ptr + part, lse, mask=row_ok)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_ref = m_new
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
-def _merge_kernel(
-    out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
-    q_start_ptr, q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
-    R, SEL_WIDTH, FIXED_CHUNK, MAX_SPLITS, WORKERS, stride_ot, stride_oh,
-    G: tl.constexpr, HKV: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, QPT: tl.constexpr, R_PAD: tl.constexpr,
-    ITEMS_PER_PROGRAM: tl.constexpr, MIN_CHUNK: tl.constexpr, WRITE_LSE: tl.constexpr,
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+    q_start_ptr, q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr, score_row_ptr,
+    bt_ptr, sel_ptr,
+    R, SEL_WIDTH, TARGET, FIXED_CHUNK, qk_scale,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh,
+    stride_bt, stride_sel_s, stride_sel_h,
+    G: tl.constexpr, HKV: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, QPT: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, SPLIT_COST: tl.constexpr,
+    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Combine the split-KV partials of every tile whose row was split (others are final already)."""
-    idx, q0s, ns, kvs, tails, slots, cnts, splits, tiles = _rows(
-        q_start_ptr, q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
-        R, SEL_WIDTH, FIXED_CHUNK, MAX_SPLITS, WORKERS, QPT, R_PAD, HKV, ITEMS_PER_PROGRAM, MIN_CHUNK,
+    unit, row, h, tile, split, n, kv, tail, cnt, chunk, splits, part_start = _item(
+        q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
+        R, SEL_WIDTH, TARGET, FIXED_CHUNK, G, HKV, QPT, BLOCK_N, R_PAD, SPLIT_COST,
     )
-    units = tl.where(splits > 1, tiles, 0)
-    ends = tl.cumsum(units, axis=0)
-    total = tl.sum(units, axis=0) * HKV
+    if unit < 0:
+        return
+    q0 = tl.load(q_start_ptr + row).to(tl.int32)
+    qi0 = tile * QPT
+    row_ok, token, head, qpos = _tile_rows(qi0, n, q0, kv, h, G, QPT, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < D
-    for item in range(tl.program_id(0), total, tl.num_programs(0)):
-        unit = item // HKV
-        h = item % HKV
-        row = tl.sum((ends <= unit).to(tl.int32), axis=0)
-        sel = idx == row
-        n = _pick(ns, sel)
-        row_splits = _pick(splits, sel)
-        qi0 = (unit - (_pick(ends, sel) - _pick(units, sel))) * QPT
-        row_ok, token, head, qpos = _tile_rows(qi0, n, _pick(q0s, sel), _pick(kvs, sel), h, G, QPT, BLOCK_M)
-        base = (token * HQ + head) * MAX_SPLITS
-        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        for s in range(0, row_splits):
-            m = tl.maximum(m, tl.load(part_lse_ptr + base + s, mask=row_ok, other=float("-inf")))
-        m_ref = tl.where(m == float("-inf"), 0.0, m)
-        total_w = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-        o_mask = row_ok[:, None] & d_ok[None, :]
-        for s in range(0, row_splits):
-            w = tl.exp2(tl.load(part_lse_ptr + base + s, mask=row_ok, other=float("-inf")) - m_ref)
-            o = tl.load(part_o_ptr + (base + s)[:, None] * D_PAD + offs_d[None, :], mask=o_mask, other=0.0)
-            total_w += w
-            acc += w[:, None] * o
-        o = acc / tl.where(total_w == 0.0, 1.0, total_w)[:, None]
+    q = tl.load(
+        q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+    ).to(k_ptr.dtype.element_ty)
+
+    # Causality bounds what this tile can see: KV past its last query is never read.
+    last_q = kv - n + tl.minimum(n, qi0 + QPT)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, cnt + tl.maximum(last_q - tail, 0))
+    # Three stretches: selected positions (masked: nothing promises they precede the queries),
+    # whole blocks of the tail that every query of the tile sees (unmasked), and the rest.
+    sel_end = tl.minimum(hi, cnt)
+    free_lo = tl.minimum(tl.maximum(lo, cnt), hi)
+    free_end = tl.minimum(hi, cnt + tl.maximum(kv - n + qi0 + 1 - tail, 0))
+    free_hi = free_lo + tl.maximum(free_end - free_lo, 0) // BLOCK_N * BLOCK_N
+
+    sel_row = sel_ptr + tl.load(sel_slot_ptr + row) * stride_sel_s + h * stride_sel_h
+    bt_row = bt_ptr + row.to(tl.int64) * stride_bt
+    k_base = k_ptr + h * stride_kh
+    v_base = v_ptr + h * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, lo, sel_end, k_base, v_base, stride_ks, stride_vs, bt_row, sel_row,
+                            cnt, tail, qk_scale, D, D_PAD, PAGE, BLOCK_N, True, True, DOT_PRECISION)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, free_lo, free_hi, k_base, v_base, stride_ks, stride_vs, bt_row, sel_row,
+                            cnt, tail, qk_scale, D, D_PAD, PAGE, BLOCK_N, False, False, DOT_PRECISION)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, free_hi, hi, k_base, v_base, stride_ks, stride_vs, bt_row, sel_row,
+                            cnt, tail, qk_scale, D, D_PAD, PAGE, BLOCK_N, False, True, DOT_PRECISION)
+
+    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    lse = m_i + tl.log2(l_i)  # base-2, in units of qk_scale; -inf where nothing was visible
+    o_mask = row_ok[:, None] & d_ok[None, :]
+    if splits == 1:
         tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=o_mask)
         if WRITE_LSE:
-            tl.store(lse_ptr + token * HQ + head, m_ref + tl.log2(total_w), mask=row_ok)
+            if tl.load(score_row_ptr + row) >= 0:
+                tl.store(lse_ptr + token * HQ + head, lse, mask=row_ok)
+    else:
+        part = ((part_start + tile * splits + split) * HKV + h).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        tl.store(part_o_ptr + part[:, None] * D_PAD + offs_d[None, :], o, mask=o_mask)
+        tl.store(part_lse_ptr + part, lse, mask=row_ok)
 
 
 @triton.jit
-def _score_kernel(
-    q_ptr, k_ptr, lse_ptr, scores_ptr,
-    q_start_ptr, q_len_ptr, kv_len_ptr, score_row_ptr, bt_ptr,
-    R, SCORE_WIDTH, qk_scale,
-    stride_qt, stride_qh, stride_ks, stride_kh, stride_bt, stride_sc_v, stride_sc_h,
-    G: tl.constexpr, HKV: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, QPT: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
-    ITEMS_PER_PROGRAM: tl.constexpr, MIN_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """PillarAttn scores of full rows: per KV position, the attention probability summed over the
-    row's queries and the group's heads (recomputed from Q K^T and the final log-sum-exp), / (G n).
+def _final_lse(lse_ptr, part_lse_ptr, token, head, row_ok, part0, splits,
+               HQ: tl.constexpr, HKV: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Log-sum-exp over the whole row of a tile's queries: stored as is for unsplit rows,
+    combined from the split partials (starting at partial item ``part0``) otherwise."""
+    if splits == 1:
+        return tl.load(lse_ptr + token * HQ + head, mask=row_ok, other=0.0)
+    offs_m = tl.arange(0, BLOCK_M)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    for s in range(0, splits):
+        x = tl.load(part_lse_ptr + (part0 + s * HKV).to(tl.int64) * BLOCK_M + offs_m, mask=row_ok, other=float("-inf"))
+        m_new = tl.maximum(m, x)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        total = total * tl.exp2(m - m_ref) + tl.exp2(x - m_ref)
+        m = m_new
+    return tl.where(m == float("-inf"), 0.0, m) + tl.log2(total)
 
-    Work item: (score row, chunk of KV positions, KV head), chunks sized so every program gets
-    work; each K block is read once and every query tile of the row is applied to it.
-    """
-    idx = tl.arange(0, R_PAD)
-    ok = idx < R
-    q0s = tl.load(q_start_ptr + idx, mask=ok, other=0).to(tl.int32)
-    ns = tl.load(q_len_ptr + idx, mask=ok, other=0).to(tl.int32)
-    kvs = tl.load(kv_len_ptr + idx, mask=ok, other=0).to(tl.int32)
-    targets = tl.load(score_row_ptr + idx, mask=ok, other=-1)
-    wanted = (targets >= 0) & (ns > 0)
-    work = tl.sum(tl.where(wanted, kvs, 0).to(tl.int64), axis=0) * HKV
-    chunk = tl.maximum(tl.cdiv(work, tl.num_programs(0) * ITEMS_PER_PROGRAM), MIN_CHUNK)
-    chunk = (tl.cdiv(chunk, BLOCK_N) * BLOCK_N).to(tl.int32)
-    units = tl.where(wanted, tl.cdiv(kvs, chunk), 0)
-    ends = tl.cumsum(units, axis=0)
-    total = tl.sum(units, axis=0) * HKV
-    offs_n = tl.arange(0, BLOCK_N)
+
+@triton.jit
+def _finish_kernel(
+    q_ptr, k_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, scores_ptr,
+    q_start_ptr, q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr, score_row_ptr,
+    bt_ptr,
+    R, SEL_WIDTH, TARGET, FIXED_CHUNK, SCORE_WIDTH, qk_scale,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_ot, stride_oh, stride_bt, stride_sc_v, stride_sc_h,
+    G: tl.constexpr, HKV: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, QPT: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, SPLIT_COST: tl.constexpr,
+    WRITE_SCORES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Over the attention kernel's items: the first split of each split tile merges the tile's
+    partials into the output; every split of a scored row's first tile writes the PillarAttn
+    scores of its KV range, summed over all query tiles of the row (scored rows are full rows)."""
+    unit, row, h, tile, split, n, kv, tail, cnt, chunk, splits, part_start = _item(
+        q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
+        R, SEL_WIDTH, TARGET, FIXED_CHUNK, G, HKV, QPT, BLOCK_N, R_PAD, SPLIT_COST,
+    )
+    if unit < 0:
+        return
+    q0 = tl.load(q_start_ptr + row).to(tl.int32)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < D
-    for item in range(tl.program_id(0), total, tl.num_programs(0)):
-        unit = item // HKV
-        h = item % HKV
-        row = tl.sum((ends <= unit).to(tl.int32), axis=0)
-        sel = idx == row
-        n = _pick(ns, sel)
-        kv = _pick(kvs, sel)
-        q0 = _pick(q0s, sel)
-        lo = (unit - (_pick(ends, sel) - _pick(units, sel))) * chunk
-        hi = tl.minimum(lo + chunk, kv)
-        out_row = scores_ptr + _pick(targets, sel) * stride_sc_v + h * stride_sc_h
-        bt_row = bt_ptr + row.to(tl.int64) * stride_bt
-        inv_count = 1.0 / (G * n).to(tl.float32)
-        for start in range(lo, hi, BLOCK_N):
-            pos = start + offs_n
-            pos_ok = pos < hi
-            page = tl.load(bt_row + pos // PAGE, mask=pos_ok, other=0)
-            kv_slot = page.to(tl.int64) * PAGE + pos % PAGE
-            k = tl.load(k_ptr + kv_slot[:, None] * stride_ks + h * stride_kh + offs_d[None, :],
-                        mask=pos_ok[:, None] & d_ok[None, :], other=0.0)
-            total_p = tl.zeros([BLOCK_N], tl.float32)
-            for qi0 in range(0, n, QPT):
-                row_ok, token, head, qpos = _tile_rows(qi0, n, q0, kv, h, G, QPT, BLOCK_M)
+    if (splits > 1) & (split == 0):
+        row_ok, token, head, qpos = _tile_rows(tile * QPT, n, q0, kv, h, G, QPT, BLOCK_M)
+        o_mask = row_ok[:, None] & d_ok[None, :]
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        for s in range(0, splits):
+            part = ((part_start + tile * splits + s) * HKV + h).to(tl.int64) * BLOCK_M + offs_m
+            x = tl.load(part_lse_ptr + part, mask=row_ok, other=float("-inf"))
+            o = tl.load(part_o_ptr + part[:, None] * D_PAD + offs_d[None, :], mask=o_mask, other=0.0)
+            m_new = tl.maximum(m, x)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_ref)
+            w = tl.exp2(x - m_ref)
+            total = total * alpha + w
+            acc = acc * alpha[:, None] + w[:, None] * o
+            m = m_new
+        o = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+        tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+    if WRITE_SCORES:
+        target = tl.load(score_row_ptr + row)
+        if (target >= 0) & (tile == 0):
+            lo = split * chunk
+            hi = tl.minimum(lo + chunk, kv)
+            out_row = scores_ptr + target * stride_sc_v + h * stride_sc_h
+            bt_row = bt_ptr + row.to(tl.int64) * stride_bt
+            k_base = k_ptr + h * stride_kh
+            offs_n = tl.arange(0, BLOCK_N)
+            inv_count = 1.0 / (G * n).to(tl.float32)
+            num_blocks = tl.cdiv(hi - lo, BLOCK_N)
+            for t in range(0, tl.cdiv(n, QPT)):
+                row_ok, token, head, qpos = _tile_rows(t * QPT, n, q0, kv, h, G, QPT, BLOCK_M)
                 q = tl.load(
                     q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0,
                 ).to(k_ptr.dtype.element_ty)
-                lse = tl.load(lse_ptr + token * HQ + head, mask=row_ok, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-                visible = row_ok[:, None] & pos_ok[None, :] & (pos[None, :] <= qpos[:, None])
-                total_p += tl.sum(tl.where(visible, tl.exp2(s - lse[:, None]), 0.0), axis=0)
-            tl.store(out_row + pos, total_p * inv_count, mask=pos_ok & (pos < SCORE_WIDTH))
+                part0 = (part_start + t * splits) * HKV + h
+                lse = _final_lse(lse_ptr, part_lse_ptr, token, head, row_ok, part0, splits, HQ, HKV, BLOCK_M)
+                # Backwards: the blocks the attention kernel read last are the likeliest still in L2.
+                for b in range(0, num_blocks):
+                    pos = lo + (num_blocks - 1 - b) * BLOCK_N + offs_n
+                    pos_ok = pos < hi
+                    page = tl.load(bt_row + pos // PAGE, mask=pos_ok, other=0)
+                    kv_slot = page.to(tl.int64) * PAGE + pos % PAGE
+                    k = tl.load(k_base + kv_slot[:, None] * stride_ks + offs_d[None, :],
+                                mask=pos_ok[:, None] & d_ok[None, :], other=0.0)
+                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+                    visible = row_ok[:, None] & pos_ok[None, :] & (pos[None, :] <= qpos[:, None])
+                    p = tl.sum(tl.where(visible, tl.exp2(s - lse[:, None]), 0.0), axis=0) * inv_count
+                    keep = pos_ok & (pos < SCORE_WIDTH)
+                    # Later query tiles add to what the earlier ones stored.
+                    p += tl.load(out_row + pos, mask=keep & (t > 0), other=0.0)
+                    tl.store(out_row + pos, p, mask=keep)
+                tl.debug_barrier()  # the next tile's loads must see every thread's stores
 
 
 @triton.jit
@@ -333,11 +371,24 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(0) == 1 else t.contiguous()
 
 
-def _max_splits(max_kv_len: int, tokens: int, q_heads: int, d_pad: int, block_n: int, cap: int | None) -> int:
-    """Most splits of one row: bounds the partial-output buffer, which is sized from shapes only."""
-    by_memory = _PARTIAL_BYTES // (tokens * q_heads * (d_pad + 1) * 4)
-    by_length = triton.cdiv(max_kv_len, _MIN_CHUNK_BLOCKS * block_n)
-    return max(1, min(by_memory, by_length, cap if cap is not None else by_length))
+def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps) from shapes alone.
+
+    Prefill-like steps (many tokens per row) take 128-row query tiles: tensor-core sized, and
+    each KV block is reused by as many queries as fit. Decode steps (graph buckets have one row
+    per token) are memory bound: a tile holds up to 16 queries of the group, enough for a whole
+    verification row of draft_len + 1 <= 16 tokens, so its KV is read once; drafts waste the
+    unused tile rows on tensor cores that would idle anyway.
+    """
+    block_n = 64 if d_pad <= 128 else 32
+    if num_tokens > 2 * num_rows:
+        block_m = 128 if d_pad <= 128 else 64
+    else:
+        block_m = min(64, _pow2(group * min(num_tokens, 16), 16))
+    block_m = max(block_m, _pow2(group, 16))
+    # A 64 x D fp32 accumulator over 4 warps spills at D=128.
+    warps = 8 if block_m * d_pad >= 64 * 128 else 4
+    return block_m, block_n, warps
 
 
 def paged_attention(
@@ -350,9 +401,8 @@ def paged_attention(
     *,
     block_m: int | None = None,
     block_n: int | None = None,
-    max_splits: int | None = None,
+    target_items: int | None = None,
     split_tokens: int | None = None,
-    num_programs: int | None = None,
 ) -> torch.Tensor:
     """PillarAttn over the paged pool for a packed batch of full and draft rows; (1, T, Hq, D).
 
@@ -366,10 +416,10 @@ def paged_attention(
         ctx: the step's metadata; ``ctx.max_kv_len`` must bound every ``kv_len``.
         layer: index into ``ctx.selection`` and ``ctx.scores``.
         scale: softmax scale applied to Q K^T.
-        block_m, block_n, max_splits, split_tokens, num_programs: tuning overrides for benchmarks
-            and tests (query-tile rows, KV block, most splits per row, fixed KV positions per
-            split, persistent programs); by default chosen from the shapes and, for the split
-            size, from the step's work on the device.
+        block_m, block_n, target_items, split_tokens: tuning overrides for benchmarks and tests
+            (query-tile rows, KV block, items the split sizing aims at, a fixed number of KV
+            positions per split); by default chosen from the shapes and, for the split size,
+            from the step's work on the device.
     """
     _, num_q_heads, num_tokens, head_dim = query.shape
     num_rows = ctx.q_len.shape[0]
@@ -382,66 +432,64 @@ def paged_attention(
         raise ValueError("paged_attention needs pools with a contiguous last dimension")
     q = _last_dim_contiguous(query[0])  # (Hq, T, D)
     d_pad = _pow2(head_dim, 16)
-    if block_m is None:
-        # Decode-like steps (graph buckets have one row per token) waste less on small tiles.
-        block_m = 16 if num_tokens <= 2 * num_rows else 64
-    block_m = max(block_m, _pow2(group, 16))
-    block_n = block_n or (64 if d_pad <= 128 else 32)
-    max_splits = _max_splits(ctx.max_kv_len, num_tokens, num_q_heads, d_pad, block_n, max_splits)
-    max_tiles = min(num_tokens, num_tokens // (block_m // group) + num_rows) * num_kv_heads
-    programs = num_programs or _PROGRAMS_PER_SM * _num_sms(query.device)
-    workers = min(programs, max_tiles * max_splits)
-    r_pad = _pow2(num_rows, 16)
-    dot_precision = "ieee" if query.dtype == torch.float32 else "tf32"
-    qk_scale = scale * _LOG2E
-    write_lse = ctx.scores is not None
-    fixed_chunk = split_tokens or 0
-    # 64-row tiles hold a 64 x D fp32 accumulator: 4 warps would spill at D=128.
-    warps = 8 if block_m >= 64 else 4
-    shared = dict(G=group, HKV=num_kv_heads, HQ=num_q_heads, D=head_dim, D_PAD=d_pad, BLOCK_M=block_m, QPT=block_m // group,
-                  R_PAD=r_pad, ITEMS_PER_PROGRAM=_ITEMS_PER_PROGRAM, MIN_CHUNK=_MIN_CHUNK_BLOCKS * block_n)
-
-    rows = (
-        _flat(ctx.q_start), _flat(ctx.q_len), _flat(ctx.kv_len), _flat(ctx.is_draft),
-        _flat(ctx.tail_start), _flat(ctx.sel_slot), _flat(ctx.sel_count),
-    )
-    block_tables = _last_dim_contiguous(ctx.block_tables)
+    auto_m, auto_n, warps = _tile_shape(num_tokens, num_rows, group, d_pad)
+    block_m = max(block_m or auto_m, _pow2(group, 16))
+    block_n = block_n or auto_n
+    qpt = block_m // group
     selection = _last_dim_contiguous(ctx.selection[:, layer])  # [S, H, K]
     sel_width = selection.shape[-1]
-    lse = torch.empty(num_tokens, num_q_heads, dtype=torch.float32, device=query.device) if write_lse else out
-    if max_splits > 1:
-        part_o = torch.empty(num_tokens * num_q_heads * max_splits, d_pad, dtype=torch.float32, device=query.device)
-        part_lse = torch.empty(num_tokens * num_q_heads * max_splits, dtype=torch.float32, device=query.device)
+
+    # Upper bounds on the items (per KV head) and on the split items among them. A row of n
+    # tokens has ceil(n / qpt) tiles, so all rows have at most max_tiles.
+    max_tiles = min(num_tokens, num_tokens // qpt + num_rows)
+    part_bytes = block_m * (d_pad + 1) * 4
+    if split_tokens:
+        per_row = triton.cdiv(ctx.max_kv_len + sel_width, split_tokens)
+        target, max_units, max_split_units = 1, max_tiles * per_row, max_tiles * per_row
+    else:
+        items = target_items or _ITEMS_PER_SM * _num_sms(query.device)
+        target = max(1, min(items, _PARTIAL_BYTES // (2 * part_bytes)) // num_kv_heads)
+        # Units past the tiles come from splits, each covering >= work / target positions; a split
+        # row's splits number at most twice its work / chunk.
+        max_units, max_split_units = max_tiles + target, 2 * target
+    may_split = (split_tokens or block_n) < ctx.max_kv_len + sel_width
+    write_scores = ctx.scores is not None
+    grid = (num_kv_heads * max_units,)
+
+    dot_precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    qk_scale = scale * _LOG2E
+    f32 = dict(dtype=torch.float32, device=query.device)
+    lse = torch.empty(num_tokens, num_q_heads, **f32) if write_scores else out
+    if may_split:
+        part_o = torch.empty(num_kv_heads * max_split_units * block_m, d_pad, **f32)
+        part_lse = torch.empty(num_kv_heads * max_split_units * block_m, **f32)
     else:
         part_o = part_lse = lse  # never touched: every row has a single split
+    rows = (
+        _flat(ctx.q_start), _flat(ctx.q_len), _flat(ctx.kv_len), _flat(ctx.is_draft),
+        _flat(ctx.tail_start), _flat(ctx.sel_slot), _flat(ctx.sel_count), _flat(ctx.score_row),
+    )
+    block_tables = _last_dim_contiguous(ctx.block_tables)
+    plan = (num_rows, sel_width, target, split_tokens or 0)
+    shared = dict(G=group, HKV=num_kv_heads, HQ=num_q_heads, D=head_dim, D_PAD=d_pad, PAGE=ctx.cache.page_size,
+                  BLOCK_M=block_m, QPT=qpt, BLOCK_N=block_n, R_PAD=_pow2(num_rows, 16), SPLIT_COST=_SPLIT_COST,
+                  DOT_PRECISION=dot_precision)
 
-    _attention_kernel[(workers,)](
-        q, k_pool, v_pool, out, lse, part_o, part_lse,
-        *rows, block_tables, selection,
-        num_rows, sel_width, fixed_chunk, max_splits, workers, qk_scale,
+    _attention_kernel[grid](
+        q, k_pool, v_pool, out, lse, part_o, part_lse, *rows, block_tables, selection,
+        *plan, qk_scale,
         q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         out.stride(1), out.stride(2), block_tables.stride(0), selection.stride(0), selection.stride(1),
-        **shared, PAGE=ctx.cache.page_size, BLOCK_N=block_n, WRITE_LSE=write_lse, DOT_PRECISION=dot_precision,
-        num_warps=warps, num_stages=2,
+        **shared, WRITE_LSE=write_scores, num_warps=warps, num_stages=2,
     )
-    if max_splits > 1:
-        _merge_kernel[(min(programs, max_tiles),)](
-            out, lse, part_o, part_lse, *rows,
-            num_rows, sel_width, fixed_chunk, max_splits, workers, out.stride(1), out.stride(2),
-            **shared, WRITE_LSE=write_lse, num_warps=warps,
-        )
-    if write_lse:
-        scores = ctx.scores[:, layer]  # [V, H, width]
-        score_block_m = _pow2(group, 64)  # verification rows (k+1 queries x G heads) in one tile
-        max_score_units = min(num_rows, scores.shape[0]) * triton.cdiv(ctx.max_kv_len, block_n) * num_kv_heads
-        _score_kernel[(max(1, min(programs, max_score_units)),)](
-            q, k_pool, lse, scores,
-            rows[0], rows[1], rows[2], _flat(ctx.score_row), block_tables,
-            num_rows, scores.shape[-1], qk_scale,
-            q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), block_tables.stride(0),
-            scores.stride(0), scores.stride(1),
-            **{**shared, "BLOCK_M": score_block_m, "QPT": score_block_m // group}, PAGE=ctx.cache.page_size,
-            BLOCK_N=block_n, DOT_PRECISION=dot_precision, num_warps=8, num_stages=2,
+    if may_split or write_scores:
+        scores = ctx.scores[:, layer] if write_scores else out  # [V, H, width]
+        _finish_kernel[grid](
+            q, k_pool, out, lse, part_o, part_lse, scores, *rows, block_tables,
+            *plan, scores.shape[-1], qk_scale,
+            q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), out.stride(1), out.stride(2),
+            block_tables.stride(0), scores.stride(0), scores.stride(1),
+            **shared, WRITE_SCORES=write_scores, num_warps=4 if block_m * d_pad <= 64 * 64 else 8, num_stages=2,
         )
     return out
 
