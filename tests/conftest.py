@@ -84,10 +84,11 @@ def sparsespec_runs(monkeypatch):
     return runs
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
     """Run torch single-threaded: on a small shared CPU, tiny ops spend far longer handing work between
-    threads (and waiting for descheduled ones) than computing."""
+    threads (and waiting for descheduled ones) than computing. Module-scoped so that it also covers
+    the module's own module-scoped fixtures (reference generations)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
