@@ -249,18 +249,21 @@ def _final_lse(lse_ptr, part_lse_ptr, token, head, row_ok, part0, splits,
                HQ: tl.constexpr, HKV: tl.constexpr, BLOCK_M: tl.constexpr):
     """Log-sum-exp over the whole row of a tile's queries: stored as is for unsplit rows,
     combined from the split partials (starting at partial item ``part0``) otherwise."""
-    if splits == 1:
-        return tl.load(lse_ptr + token * HQ + head, mask=row_ok, other=0.0)
+    # No early return on a runtime condition: Triton 3.6 fails to lower one here
+    # ("failed to legalize unresolved materialization"), so both cases are computed and selected.
+    # Unwritten (but allocated) for split rows; discarded below. A scalar in the mask breaks the interpreter.
+    direct = tl.load(lse_ptr + token * HQ + head, mask=row_ok, other=0.0)
     offs_m = tl.arange(0, BLOCK_M)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_M], tl.float32)
-    for s in range(0, splits):
+    for s in range(0, tl.where(splits == 1, 0, splits)):
         x = tl.load(part_lse_ptr + (part0 + s * HKV).to(tl.int64) * BLOCK_M + offs_m, mask=row_ok, other=float("-inf"))
         m_new = tl.maximum(m, x)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         total = total * tl.exp2(m - m_ref) + tl.exp2(x - m_ref)
         m = m_new
-    return tl.where(m == float("-inf"), 0.0, m) + tl.log2(total)
+    merged = tl.where(m == float("-inf"), 0.0, m) + tl.log2(total)
+    return tl.where(splits == 1, direct, merged)
 
 
 @triton.jit
