@@ -24,7 +24,9 @@ starting new cells once that many seconds have passed.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import itertools
+import multiprocessing
 import json
 import platform
 import sys
@@ -70,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="torch CPU threads (default 1 on the CPU: on a shared 2-core machine two threads ran 30x slower)",
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1, help="CPU: cells run in this many processes, one thread each")
     args = ap.parse_args(argv)
     on_cpu = args.device == "cpu"
     if args.small:
@@ -125,6 +128,9 @@ def run_cell(model, prompts: list[torch.Tensor], cell: dict, args) -> dict:
         draft_len=cell["draft_len"],
         diagnostics=args.diagnostics,
         use_cuda_graphs=None if args.cuda_graphs else False,
+        # The unified scheduler staggers each request's first round (lengths k, k-1, ..., 0), which
+        # would mix short rounds into "accepted of k"; acceptance per round does not depend on it.
+        unified_schedule=False,
     )
     seconds = time.perf_counter() - started
     stats = out.spec_stats
@@ -175,14 +181,29 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+_worker: dict = {}
+
+
+def _load(args) -> None:
+    """Per process: the model and the prompts (workers of ``--jobs`` load their own)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(BENCH_MODEL)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(BENCH_MODEL, dtype=dtype).to(args.device).eval()
-    prompts = {c: held_out_prompts(tok, c, args.prompts) for c in args.contexts}
+    _worker["model"] = AutoModelForCausalLM.from_pretrained(BENCH_MODEL, dtype=dtype).to(args.device).eval()
+    _worker["prompts"] = {c: held_out_prompts(tok, c, args.prompts) for c in args.contexts}
+    _worker["args"] = args
+
+
+def _run(cell: dict) -> dict:
+    return run_cell(_worker["model"], _worker["prompts"][cell["context"]], cell, _worker["args"])
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    _load(args)
+    prompts = _worker["prompts"]
+    dtype = next(_worker["model"].parameters()).dtype
     meta = dict(
         tag=args.tag, device=torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.processor() or 'cpu'})",
         prompts=args.prompts, new_tokens=args.new_tokens, min_budget=args.min_budget, dtype=str(dtype),
@@ -193,16 +214,42 @@ def main(argv=None) -> None:
     rows: list[dict] = []
     started = time.perf_counter()
     todo = cells(args)
-    for i, cell in enumerate(todo):
-        if args.time_limit is not None and time.perf_counter() - started > args.time_limit:
-            print(f"time limit reached: {len(todo) - i} of {len(todo)} cells not run", flush=True)
-            meta["skipped_cells"] = todo[i:]
-            break
-        row = run_cell(model, prompts[cell["context"]], cell, args)
+
+    def record(row: dict) -> None:
         rows.append(row)
         mass = f" mass {row['selection_mass']:.3f}" if row.get("selection_mass") is not None else ""
+        cell = {key: row[key] for key in ("context", "temperature", "draft_len", "budget_ratio", "policy")}
         print(f"[{time.perf_counter() - started:6.0f}s] {cell}: accepted {row['mean_accepted']:.2f}{mass} ({row['seconds']:.0f}s)", flush=True)
         json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+    def out_of_time() -> bool:
+        return args.time_limit is not None and time.perf_counter() - started > args.time_limit
+
+    if args.jobs > 1:
+        # CPU only: one single-threaded engine per core beats one engine on all cores (tiny ops).
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_load, initargs=(args,)) as pool:
+            futures = [pool.submit(_run, cell) for cell in todo]
+            for future in concurrent.futures.as_completed(futures):
+                if future.cancelled():
+                    continue
+                record(future.result())
+                if out_of_time():
+                    for f in futures:
+                        f.cancel()
+    else:
+        for cell in todo:
+            if out_of_time():
+                break
+            record(_run(cell))
+    done = {tuple(sorted((k, r[k]) for k in todo[0])) for r in rows}
+    skipped = [c for c in todo if tuple(sorted(c.items())) not in done]
+    if skipped:
+        print(f"time limit reached: {len(skipped)} of {len(todo)} cells not run", flush=True)
+        meta["skipped_cells"] = skipped
+    order = {tuple(sorted(c.items())): i for i, c in enumerate(todo)}
+    rows.sort(key=lambda r: order[tuple(sorted((k, r[k]) for k in todo[0]))])
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (args.out / f"acceptance_{args.tag}.md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))
 

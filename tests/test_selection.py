@@ -80,9 +80,8 @@ def test_pillar_keeps_its_recent_share_and_pools_neighbours():
     chosen = valid(sel.select_tokens(scores, torch.tensor([old]), torch.tensor([count]), "pillar", width=count), 0, 0, 0)
     recent = math.floor(count * sel.PILLAR_RECENT_FRACTION)
     assert set(range(old - recent, old)) <= set(chosen)
-    half = sel.PILLAR_POOL // 2
-    if sel.PILLAR_POOL > 1:
-        assert set(range(50 - half, 50 + half + 1)) <= set(chosen)
+    # Positions up to PILLAR_LOOKBACK after the pillar and PILLAR_LOOKAHEAD before it inherit its score.
+    assert set(range(50 - sel.PILLAR_LOOKAHEAD, 50 + sel.PILLAR_LOOKBACK + 1)) <= set(chosen)
 
 
 def test_positions_at_or_past_old_len_are_never_selected_even_when_they_score_high():

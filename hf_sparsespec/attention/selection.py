@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 
 SINK_TOKENS = 4  # "window": StreamingLLM's attention sinks
-PILLAR_POOL = 7  # "pillar": scores max-pooled over this many neighbouring positions
+# "pillar": a position's priority is the best verification score within this many positions before
+# it and after it (3 and 3: the symmetric 7-wide max-pool of the first prototype).
+PILLAR_LOOKBACK = 3
+PILLAR_LOOKAHEAD = 3
 PILLAR_RECENT_FRACTION = 0.5  # "pillar": share of the budget given to the most recent positions
 PILLAR_SINKS = 0  # "pillar": leading positions always selected
 
@@ -24,22 +27,23 @@ def pillar_priority(
     scores: torch.Tensor,
     old_len: torch.Tensor,
     count: torch.Tensor,
-    pool: int = PILLAR_POOL,
+    lookback: int = PILLAR_LOOKBACK,
+    lookahead: int = PILLAR_LOOKAHEAD,
     recent_fraction: float = PILLAR_RECENT_FRACTION,
     sinks: int = PILLAR_SINKS,
 ) -> torch.Tensor:
     """Max-pooled scores, with the newest ``recent_fraction`` of the budget and ``sinks`` forced in.
 
     Pooling rewards the neighbours of a high-scoring token: a draft that copies a span needs the
-    tokens around the one the verification looked at, which the verification's own queries had no
-    reason to attend to yet.
+    tokens after the one the verification looked at (an induction head moves one position per
+    drafted token), which the verification's own queries had no reason to attend to yet.
     """
     n = scores.shape[-1]
     positions = torch.arange(n, device=scores.device)
     candidate = positions[None, :] < old_len[:, None]  # [V, N]
-    if pool > 1:
-        pooled = F.max_pool1d(scores.flatten(0, 2).unsqueeze(1), pool, stride=1, padding=pool // 2)
-        priority = pooled.view_as(scores)
+    if lookback or lookahead:
+        flat = F.pad(scores.flatten(0, 2).unsqueeze(1), (lookback, lookahead), value=float("-inf"))
+        priority = F.max_pool1d(flat, lookback + lookahead + 1, stride=1).view_as(scores)
     else:
         priority = scores
     forced = positions[None, :] < sinks
