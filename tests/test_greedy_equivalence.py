@@ -95,14 +95,16 @@ ENGINE_VARIANTS = {
     "prompts prefilled in chunks": dict(prefill_chunk=8, max_batch_size=3),
     "paper selection": dict(selection="paper"),
     "window selection": dict(selection="window"),
+    "one draft per round": dict(draft_len=1),
+    "budget from the ratio": dict(min_budget=1, budget_ratio=0.2),
 }
 
 
 @pytest.mark.parametrize("variant", ENGINE_VARIANTS, ids=list(ENGINE_VARIANTS))
 def test_engine_variants(llama, five_prompts, llama_reference, variant):
     ids, mask = five_prompts
-    options = ENGINE_VARIANTS[variant]
-    out = llama.generate(ids, attention_mask=mask, max_new_tokens=48, do_sample=False, draft_len=4, min_budget=4, **options, **SPEC)
+    options = {"draft_len": 4, "min_budget": 4, **ENGINE_VARIANTS[variant]}
+    out = llama.generate(ids, attention_mask=mask, max_new_tokens=48, do_sample=False, **options, **SPEC)
     torch.testing.assert_close(out.sequences, llama_reference, rtol=0, atol=0)
     if options.get("speculate", True):
         assert_drafts_disagreed(out.spec_stats)
