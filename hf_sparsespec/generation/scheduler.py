@@ -75,9 +75,10 @@ class Scheduler:
         for request in fresh or ready:
             kind, n = request.next_row()
             if kind is RowKind.PREFILL:
-                n = min(n, self.config.prefill_chunk - prefill_tokens)
-                if n <= 0:
-                    continue
+                chunk = min(n, self.config.prefill_chunk)
+                if prefill_tokens + chunk > self.config.prefill_chunk:
+                    continue  # whole chunks only: a cut chunk would add a needless continuation step
+                n = chunk
             if not self._reserve(request, request.kv_after(kind, n), rows):
                 continue
             if kind is RowKind.PREFILL:
