@@ -375,8 +375,8 @@ def timings(results: dict) -> None:
     sweeps = [
         ("sweep unified block_m=64", base, dict(block_m=64)),
         ("sweep unified one split", base, dict(split_tokens=1 << 20)),
-        ("sweep unified 4 items/SM", base, dict(target_items=4 * sms)),
-        ("sweep unified 16 items/SM", base, dict(target_items=16 * sms)),
+        ("sweep unified 2 items/SM", base, dict(target_items=2 * sms)),
+        ("sweep unified 8 items/SM", base, dict(target_items=8 * sms)),
         ("sweep unified block_n=32", base, dict(block_n=32)),
         ("sweep draft b1 one split", draft1, dict(split_tokens=1 << 20)),
         ("sweep draft b1 block_n=32", draft1, dict(block_n=32)),
