@@ -6,17 +6,22 @@ grids and buffer sizes depend only on tensor shapes and on ``ctx.max_kv_len`` (a
 
 Work is cut into items (row, query tile, KV split, KV head), one program each. A query tile
 holds ``QPT`` consecutive queries of one row times the ``G`` query heads of one KV group, so
-each KV block is loaded once per group; in decode steps one tile holds a whole verification
-row. Draft rows see a virtual KV sequence: their selected positions followed by the tail
-``[tail_start, kv_len)``; full rows see ``[0, kv_len)``. How many splits a row gets depends on
-the step's total work, which only the device knows, so every program derives the item list
-from the row metadata itself (one vectorised pass, no loop over items) and the grid is an
-upper bound from shapes; programs past the real items return at once.
+each KV block is loaded once per group (see ``_tile_shape`` for the sizes). Draft rows see a
+virtual KV sequence: their selected positions followed by the tail ``[tail_start, kv_len)``;
+full rows see ``[0, kv_len)``. How many splits a row gets depends on the step's total work,
+which only the device knows, so every program derives the item list from the row metadata
+itself (one vectorised pass, no loop over items) and the grid is an upper bound from shapes;
+programs past the real items return at once.
 
 Two launches: the attention kernel writes final outputs of unsplit rows and per-split partials
 of split rows; the finish kernel, over the same items, merges the partials and computes the
 PillarAttn scores of verification rows, which need the final log-sum-exp and so a second look
 at K.
+
+Occupancy decides decode speed: Triton keeps one K/V block in flight per program, so HBM is
+kept busy by resident programs, and registers bound those (an 8-warp 64-row tile used 229
+registers per thread: one program per SM). Register and shared-memory counts for sm_90 come
+from ``TRITON_DUMP_PTXAS_LOG=1`` on a compile, which needs no GPU (tests/test_triton_kernels.py).
 """
 
 from __future__ import annotations
@@ -33,12 +38,13 @@ from .context import StepContext
 __all__ = ["paged_attention", "write_kv"]
 
 _LOG2E = 1.4426950408889634
-# Items the split sizing aims at, per SM: several per SM keep HBM busy and even out the end of
-# the step (items differ in size), while each extra split adds a partial to write and merge.
-_ITEMS_PER_SM = 4
-# A split must read at least this many KV positions per query row of its tile: a split's
-# partial output (one fp32 row of D per query row, written and read back) then costs a few
-# percent of its KV reads.
+# Items the split sizing aims at, per SM. A program keeps one KV block in flight, so its time
+# is about proportional to its KV range, and the step lasts as long as its last item: several
+# items per resident program even out the end, while each extra split adds partials to merge.
+_ITEMS_PER_SM = 8
+# A split must read at least this many KV positions per query row (of all the row's tiles): the
+# split's partial outputs (one fp32 row of D per query row, written and read back) then cost
+# about an eighth of its KV reads at most.
 _SPLIT_COST = 16
 # Cap on the fp32 split partials allocated per call (the item target shrinks to fit).
 _PARTIAL_BYTES = 64 << 20
@@ -62,10 +68,10 @@ def _pick(vec, sel):
 
 
 @triton.jit
-def _chunk(n, per_item, G: tl.constexpr, QPT: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_COST: tl.constexpr):
+def _chunk(n, per_item, G: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_COST: tl.constexpr):
     """KV positions per split of a row of ``n`` queries: the step's ``per_item``, but never below
-    what makes a split worth its partial output."""
-    worth = tl.cdiv(SPLIT_COST * G * tl.minimum(n, QPT), BLOCK_N) * BLOCK_N
+    what makes a split worth its partial outputs."""
+    worth = tl.cdiv(SPLIT_COST * G * n, BLOCK_N) * BLOCK_N
     return tl.maximum(tl.maximum(per_item, worth), BLOCK_N)
 
 
@@ -105,7 +111,7 @@ def _item(
     tiles = tl.cdiv(n, QPT)
     work = tl.sum(tiles.to(tl.int64) * seen, axis=0)
     per_item = tl.cdiv(tl.cdiv(work, TARGET).to(tl.int32), BLOCK_N) * BLOCK_N
-    chunk = tl.where(FIXED_CHUNK > 0, FIXED_CHUNK, _chunk(n, per_item, G, QPT, BLOCK_N, SPLIT_COST))
+    chunk = tl.where(FIXED_CHUNK > 0, FIXED_CHUNK, _chunk(n, per_item, G, BLOCK_N, SPLIT_COST))
     splits = tl.where(tiles > 0, tl.maximum(tl.cdiv(seen, chunk), 1), 0)
     units = tiles * splits
     ends = tl.cumsum(units, axis=0)
@@ -126,7 +132,7 @@ def _item(
     cnt = _pick(cnt, sel)
     # Scalars again rather than picks: the same arithmetic costs less than a reduction.
     tiles = tl.cdiv(n, QPT)
-    chunk = tl.where(FIXED_CHUNK > 0, FIXED_CHUNK, _chunk(n, per_item, G, QPT, BLOCK_N, SPLIT_COST))
+    chunk = tl.where(FIXED_CHUNK > 0, FIXED_CHUNK, _chunk(n, per_item, G, BLOCK_N, SPLIT_COST))
     splits = tl.maximum(tl.cdiv(cnt + tl.maximum(kv - tail, 0), chunk), 1)
     u = unit - _pick(ends - units, sel)
     tiles = tl.maximum(tiles, 1)
