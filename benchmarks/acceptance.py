@@ -64,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--diagnostics", action=argparse.BooleanOptionalAction, default=None,
                     help="record selection mass (forces the reference attention; default: on for CPU)")
     ap.add_argument("--cuda-graphs", action="store_true", help="let the engine capture CUDA graphs (recaptured per cell)")
+    ap.add_argument("--no-triton", action="store_true", help="CUDA: use the reference attention instead of the kernels")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds; no new cell starts after this")
@@ -72,18 +73,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="torch CPU threads (default 1 on the CPU: on a shared 2-core machine two threads ran 30x slower)",
     )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--jobs", type=int, default=1, help="CPU: cells run in this many processes, one thread each")
+    ap.add_argument("--jobs", type=int, default=None, help="CPU: cells run in this many processes, one thread each")
+    ap.add_argument("--full-grid-max-context", type=int, default=None,
+                    help="longer contexts run only the first of --draft-lens (keeps small runs short)")
     args = ap.parse_args(argv)
     on_cpu = args.device == "cpu"
     if args.small:
-        defaults = dict(contexts=[1024, 2048], prompts=3, new_tokens=64, draft_lens=[8, 4, 12], time_limit=540.0)
+        # The whole grid at 1k, the k=8 part at 2k: about 10 minutes with two single-threaded jobs.
+        defaults = dict(contexts=[1024, 2048], prompts=4, new_tokens=64, draft_lens=[8, 4, 12], time_limit=None, jobs=2,
+                        full_grid_max_context=1024)
     elif on_cpu:
-        defaults = dict(contexts=[2048], prompts=4, new_tokens=128, draft_lens=[8, 4, 12], time_limit=None)
+        defaults = dict(contexts=[2048], prompts=4, new_tokens=128, draft_lens=[8, 4, 12], time_limit=None, jobs=1)
     else:
         # One H200 run of about 4 minutes: the draft-length sweep is a second command (see above).
-        defaults = dict(contexts=[4096, 8192], prompts=4, new_tokens=192, draft_lens=[8], time_limit=220.0)
+        defaults = dict(contexts=[4096, 8192], prompts=4, new_tokens=192, draft_lens=[8], time_limit=220.0, jobs=1)
+    defaults.setdefault("full_grid_max_context", None)
     for name, value in defaults.items():
-        if getattr(args, name) is None:
+        if getattr(args, name, None) is None:
             setattr(args, name, value)
     if args.diagnostics is None:
         args.diagnostics = on_cpu
@@ -98,7 +104,10 @@ def cells(args):
     """Cells in the order that matters most if a run is cut short: the headline setting first."""
     order = []
     for context in args.contexts:
-        for temperature, k, ratio in itertools.product(args.temperatures, args.draft_lens, args.budgets):
+        lens = args.draft_lens
+        if args.full_grid_max_context is not None and context > args.full_grid_max_context:
+            lens = lens[:1]
+        for temperature, k, ratio in itertools.product(args.temperatures, lens, args.budgets):
             for policy in args.policies:
                 order.append(dict(context=context, temperature=temperature, draft_len=k, budget_ratio=ratio, policy=policy))
     return order
@@ -128,6 +137,7 @@ def run_cell(model, prompts: list[torch.Tensor], cell: dict, args) -> dict:
         draft_len=cell["draft_len"],
         diagnostics=args.diagnostics,
         use_cuda_graphs=None if args.cuda_graphs else False,
+        use_triton=False if args.no_triton else None,
         # The unified scheduler staggers each request's first round (lengths k, k-1, ..., 0), which
         # would mix short rounds into "accepted of k"; acceptance per round does not depend on it.
         unified_schedule=False,

@@ -4,6 +4,10 @@ bench-code-lm was trained on the CPython 3.12 standard library and the site-pack
 scientific Python environment. This project's own sources, tests and benchmarks were written after
 it and are in neither, so windows cut from them measure drafting on text the model has not memorised
 (memorised text makes every draft policy look good).
+
+The text is a frozen snapshot (``data/held_out_code.txt``, the project's ``.py`` files of
+2026-11-29): cutting windows from the live sources made every edit of any file shift every prompt,
+so runs made an hour apart measured different text.
 """
 
 from __future__ import annotations
@@ -14,12 +18,18 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+SNAPSHOT = Path(__file__).resolve().parent / "data" / "held_out_code.txt"
 SOURCE_DIRS = ("hf_sparsespec", "tests", "benchmarks")
 
 
-def held_out_text() -> str:
+def snapshot_sources() -> str:
+    """The text the snapshot was made from (to refresh it, write this to ``SNAPSHOT``)."""
     files = sorted(p for d in SOURCE_DIRS for p in (ROOT / d).rglob("*.py"))
     return "\n\n".join(p.read_text() for p in files)
+
+
+def held_out_text() -> str:
+    return SNAPSHOT.read_text()
 
 
 def held_out_prompts(tokenizer, num_tokens: int, count: int) -> list[torch.Tensor]:

@@ -16,6 +16,7 @@ wrong tokens whose attention makes poor scores; along the true trajectory the ra
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -64,6 +65,20 @@ GRIDS = {
         "pool11+recent0.25": knobs(5, 5, 0.25),
         "pool7+recent0.5+first": knobs(3, 3, 0.5, score_weights="first"),
         "pool15+recent0.25+first": knobs(7, 7, 0.25, score_weights="first"),
+    },
+    # Around the best of "final": how far forward to pool, how much recent window.
+    "final2": {
+        "window": "window",
+        "pool7+recent0.5": knobs(3, 3, 0.5),
+        "back8ahead1+recent0.25": knobs(8, 1, 0.25),
+        "back8ahead1+recent0.5": knobs(8, 1, 0.5),
+        "back16ahead1+recent0.25": knobs(16, 1, 0.25),
+        "back4ahead1+recent0.25": knobs(4, 1, 0.25),
+        "back8ahead1+recent0.125": knobs(8, 1, 0.125),
+        "back8ahead0+recent0.25": knobs(8, 0, 0.25),
+        "back16ahead1+recent0.5": knobs(16, 1, 0.5),
+        "back24ahead1+recent0.25": knobs(24, 1, 0.25),
+        "back12ahead1+recent0.25": knobs(12, 1, 0.25),
     },
     "scores": {
         "pool7+recent0.5": knobs(3, 3, 0.5),
@@ -174,6 +189,7 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.05)
     ap.add_argument("--min-budget", type=int, default=16)
     ap.add_argument("--temperature", type=float, nargs="+", default=[0.6, 0.0])
+    ap.add_argument("--seed", type=int, nargs="+", default=[0], help="sampling seeds; each is a separate row")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -184,16 +200,16 @@ def main() -> None:
     names = args.only or list(grid)
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     started = time.time()
-    for temperature in args.temperature:
-        for name in names:
-            accepted, mass = run(model, prompts, grid[name], temperature, args.draft_len, args.ratio, args.min_budget, args.new_tokens)
-            rows.append(dict(candidate=name, spec=grid[name], context=args.context, temperature=temperature,
-                             draft_len=args.draft_len, budget_ratio=args.ratio, min_budget=args.min_budget,
-                             prompts=args.prompts, new_tokens=args.new_tokens, mean_accepted=accepted,
-                             selection_mass=sum(mass) / len(mass) if mass else None, selection_mass_per_layer=mass))
-            args.out.write_text(json.dumps(rows, indent=1))
-            print(f"[{time.time() - started:5.0f}s] T={temperature} {name:28s} accepted {accepted:.2f} "
-                  f"mass {rows[-1]['selection_mass'] or 0:.3f}", flush=True)
+    for temperature, seed, name in itertools.product(args.temperature, args.seed, names):
+        accepted, mass = run(model, prompts, grid[name], temperature, args.draft_len, args.ratio, args.min_budget,
+                             args.new_tokens, seed)
+        rows.append(dict(candidate=name, spec=grid[name], context=args.context, temperature=temperature, seed=seed,
+                         draft_len=args.draft_len, budget_ratio=args.ratio, min_budget=args.min_budget,
+                         prompts=args.prompts, new_tokens=args.new_tokens, mean_accepted=accepted,
+                         selection_mass=sum(mass) / len(mass) if mass else None, selection_mass_per_layer=mass))
+        args.out.write_text(json.dumps(rows, indent=1))
+        print(f"[{time.time() - started:5.0f}s] T={temperature} seed={seed} {name:28s} accepted {accepted:.2f} "
+              f"mass {rows[-1]['selection_mass'] or 0:.3f}", flush=True)
 
 
 if __name__ == "__main__":
