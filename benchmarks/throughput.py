@@ -117,9 +117,12 @@ def measure(model, tag: str, ids: torch.Tensor, method: str, new_tokens: int, sa
             weight_bytes: int, note: str = "", extra: dict | None = None) -> dict:
     batch, prompt_len = ids.shape
     # Warm-up: compilation (hf_static) and graph capture (our engine) stay out of the timings. Our
-    # graphs depend on the batch, not the context, so short prompts capture them cheaply.
+    # graphs depend on the batch, not the context, so short prompts capture them cheaply; but the
+    # engine captures one graph per (token, verification-row) bucket pair it meets, so the warm-up
+    # must decode as long as the timed run to meet the same pairs (a 48-token warm-up did not, and
+    # the first H200 table paid for captures inside its timings).
     warm_ids = ids if method == "hf_static" else ids[:, -64:]
-    timed_generate(model, warm_ids, 48, method, sampling, extra)
+    timed_generate(model, warm_ids, 48 if method == "hf_static" else new_tokens, method, sampling, extra)
     base, _ = timed_generate(model, ids, 1, method, sampling, extra)
     with StepTimer() as timer:
         total, stats = timed_generate(model, ids, new_tokens, method, sampling, extra)
