@@ -80,6 +80,12 @@ GRIDS = {
         "back24ahead1+recent0.25": knobs(24, 1, 0.25),
         "back12ahead1+recent0.25": knobs(12, 1, 0.25),
     },
+    # Score memory across rounds: a position keeps max(new score, decay * its previous score).
+    "accumulate": {
+        "back8ahead1+recent0.5": knobs(8, 1, 0.5),
+        "back8ahead1+recent0.5+acc0.7": knobs(8, 1, 0.5, accumulate=0.7),
+        "back8ahead1+recent0.5+acc0.9": knobs(8, 1, 0.5, accumulate=0.9),
+    },
     "scores": {
         "pool7+recent0.5": knobs(3, 3, 0.5),
         "pool7+recent0.5+first": knobs(3, 3, 0.5, score_weights="first"),
@@ -146,10 +152,37 @@ class Candidate:
             interface.reference_attention = reference_with_score_weights(spec.pop("score_weights"))
             if spec.pop("paper", False):
                 spec = "paper"
+        if isinstance(spec, dict):
+            spec = dict(spec)
+        decay = spec.pop("accumulate", None) if isinstance(spec, dict) else None
+        if decay is not None:
+            self._verify = engine_module.Engine._verify
+            memory: dict[int, torch.Tensor] = {}  # slot -> [L, H, N] remembered scores
+            current = {}
+
+            def verify(engine, v, scores, attn_scores):
+                current["slots"] = v["v_slot"].tolist()
+                return self._verify(engine, v, scores, attn_scores)
+
+            def remember(scores):
+                out = scores.clone()
+                for i, slot in enumerate(current["slots"]):
+                    old = memory.get(slot)
+                    if old is not None:
+                        n = min(old.shape[-1], out.shape[-1])
+                        out[i, ..., :n] = torch.maximum(out[i, ..., :n], decay * old[..., :n])
+                    memory[slot] = out[i].clone()
+                return out
+
+            engine_module.Engine._verify = verify
+        else:
+            remember = None
         if isinstance(spec, str):
             engine_module.select_tokens = lambda s, o, c, p, w: sel.select_tokens(s, o, c, spec, w)
         else:
             def select(scores, old_len, count, policy, width):
+                if remember is not None:
+                    scores = remember(scores)
                 return sel.top_positions(sel.pillar_priority(scores, old_len, count, **spec), count, width)
 
             engine_module.select_tokens = select
@@ -160,6 +193,8 @@ class Candidate:
 
         engine_module.select_tokens = self._select
         interface.reference_attention = self._attention
+        if hasattr(self, "_verify"):
+            engine_module.Engine._verify = self._verify
 
 
 def run(model, prompts, spec, temperature, k, ratio, min_budget, new_tokens, seed=0):
