@@ -373,10 +373,10 @@ def timings(results: dict) -> None:
     draft1 = build(q, bf, 16, decode_rows(["draft"], [16384]), graph_like=True, tokens=8)
     sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
     sweeps = [
-        ("sweep unified block_m=16", base, dict(block_m=16)),
+        ("sweep unified block_m=64", base, dict(block_m=64)),
         ("sweep unified one split", base, dict(split_tokens=1 << 20)),
-        ("sweep unified 4 items/SM", base, dict(target_items=4 * sms)),
-        ("sweep unified 16 items/SM", base, dict(target_items=16 * sms)),
+        ("sweep unified 2 items/SM", base, dict(target_items=2 * sms)),
+        ("sweep unified 8 items/SM", base, dict(target_items=8 * sms)),
         ("sweep unified block_n=32", base, dict(block_n=32)),
         ("sweep draft b1 one split", draft1, dict(split_tokens=1 << 20)),
         ("sweep draft b1 block_n=32", draft1, dict(block_n=32)),

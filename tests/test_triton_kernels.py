@@ -31,7 +31,9 @@ CASES = {
     "page1_g1_d16_fixed_splits": (1, 2, 1, 16, "float32", dict(block_n=16, split_tokens=16)),
     # Splits that are not whole KV blocks, several query tiles per row.
     "page16_g3_d32_fixed_splits": (16, 2, 3, 32, "float32", dict(block_m=16, block_n=16, split_tokens=24)),
-    "page16_g3_d64_one_split": (16, 1, 3, 64, "float32", dict(block_n=32, split_tokens=4096)),
+    # Unsplit rows of 5-query tiles over 16-position blocks: the causal edge of the unmasked stretch
+    # falls on and off block boundaries.
+    "page16_g3_d64_one_split": (16, 1, 3, 64, "float32", dict(block_m=16, block_n=16, split_tokens=4096)),
     "page1_g3_d32_fp16_default": (1, 2, 3, 32, "float16", {}),
     # Splits sized on the device from the step's work (G=1 lets short rows split).
     "page16_g1_d64_fp16_adaptive_splits": (16, 2, 1, 64, "float16", dict(block_m=64, block_n=16, target_items=64)),
@@ -215,9 +217,10 @@ def _check_write_kv(case):
 # lets through (types, layouts, lowering). Integer strides are marked divisible by 16, as the launcher
 # specialises head-dim multiples, so this is the vectorised code path the GPU gets.
 SM90_KERNELS = {
-    "attention_decode": ("_attention_kernel", dict(BLOCK_M=64, QPT=16, PAGE=16, BLOCK_N=64, WRITE_LSE=True, DOT_PRECISION="tf32"), 8),
+    "attention_decode": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, WRITE_LSE=True, DOT_PRECISION="tf32"), 4),
     "attention_prefill": ("_attention_kernel", dict(BLOCK_M=128, QPT=32, PAGE=1, BLOCK_N=64, WRITE_LSE=False, DOT_PRECISION="tf32"), 8),
-    "finish": ("_finish_kernel", dict(BLOCK_M=64, QPT=16, PAGE=16, BLOCK_N=64, WRITE_SCORES=True, DOT_PRECISION="tf32"), 8),
+    "finish": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, MERGE_GROUP=4, SCORE_M=64, SCORE_Q=16,
+                                      WRITE_SCORES=True, DOT_PRECISION="tf32"), 4),
     "write_kv": ("_write_kv_kernel", dict(H=8, H_PAD=8, D=128, D_PAD=128), 4),
 }
 

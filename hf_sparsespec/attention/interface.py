@@ -54,14 +54,18 @@ def fresh_prefill_attention(
 
     Nothing is cached before these rows, so the keys are exactly the ones this step just wrote.
     """
-    keys = k_pool[ctx.slot_mapping].transpose(0, 1)  # [H, T, D]
-    values = v_pool[ctx.slot_mapping].transpose(0, 1)
+    # KV heads are repeated for the query heads rather than passed with enable_gqa=True: with it,
+    # PyTorch's CPU (and float32 CUDA) SDPA falls back to the math kernel and materialises the
+    # [Hq, T, T] probabilities (24 GB for two 16k-token prompts of the bench model).
+    group = query.shape[1] // k_pool.shape[1]
+    keys = k_pool[ctx.slot_mapping].transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, T, D]
+    values = v_pool[ctx.slot_mapping].transpose(0, 1).repeat_interleave(group, dim=0)
     out = torch.empty_like(query)  # (1, Hq, T, D)
     for start, n in ctx.fresh_prefill_rows:
         rows = slice(start, start + n)
         out[0, :, rows] = F.scaled_dot_product_attention(
-            query[0, :, rows], keys[:, rows], values[:, rows], is_causal=True, scale=scale, enable_gqa=True
-        )
+            query[:, :, rows], keys[None, :, rows], values[None, :, rows], is_causal=True, scale=scale
+        )[0]
     return out.transpose(1, 2)
 
 

@@ -6,22 +6,28 @@ grids and buffer sizes depend only on tensor shapes and on ``ctx.max_kv_len`` (a
 
 Work is cut into items (row, query tile, KV split, KV head), one program each. A query tile
 holds ``QPT`` consecutive queries of one row times the ``G`` query heads of one KV group, so
-each KV block is loaded once per group; in decode steps one tile holds a whole verification
-row. Draft rows see a virtual KV sequence: their selected positions followed by the tail
-``[tail_start, kv_len)``; full rows see ``[0, kv_len)``. How many splits a row gets depends on
-the step's total work, which only the device knows, so every program derives the item list
-from the row metadata itself (one vectorised pass, no loop over items) and the grid is an
-upper bound from shapes; programs past the real items return at once.
+each KV block is loaded once per group (see ``_tile_shape`` for the sizes). Draft rows see a
+virtual KV sequence: their selected positions followed by the tail ``[tail_start, kv_len)``;
+full rows see ``[0, kv_len)``. How many splits a row gets depends on the step's total work,
+which only the device knows, so every program derives the item list from the row metadata
+itself (one vectorised pass, no loop over items) and the grid is an upper bound from shapes;
+programs past the real items return at once.
 
 Two launches: the attention kernel writes final outputs of unsplit rows and per-split partials
 of split rows; the finish kernel, over the same items, merges the partials and computes the
 PillarAttn scores of verification rows, which need the final log-sum-exp and so a second look
 at K.
+
+Occupancy decides decode speed: Triton keeps one K/V block in flight per program, so HBM is
+kept busy by resident programs, and registers bound those (an 8-warp 64-row tile used 229
+registers per thread: one program per SM). Register and shared-memory counts for sm_90 come
+from ``TRITON_DUMP_PTXAS_LOG=1`` on a compile, which needs no GPU (tests/test_triton_kernels.py).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -32,12 +38,13 @@ from .context import StepContext
 __all__ = ["paged_attention", "write_kv"]
 
 _LOG2E = 1.4426950408889634
-# Items the split sizing aims at, per SM: several per SM keep HBM busy and even out the end of
-# the step (items differ in size), while each extra split adds a partial to write and merge.
+# Items the split sizing aims at, per SM. A program keeps one KV block in flight, so its time
+# is about proportional to its KV range, and the step lasts as long as its last item: several
+# items per resident program even out the end, while each extra split adds partials to merge.
 _ITEMS_PER_SM = 8
-# A split must read at least this many KV positions per query row of its tile: a split's
-# partial output (one fp32 row of D per query row, written and read back) then costs a few
-# percent of its KV reads.
+# A split must read at least this many KV positions per query row (of all the row's tiles): the
+# split's partial outputs (one fp32 row of D per query row, written and read back) then cost
+# about an eighth of its KV reads at most.
 _SPLIT_COST = 16
 # Cap on the fp32 split partials allocated per call (the item target shrinks to fit).
 _PARTIAL_BYTES = 64 << 20
@@ -61,22 +68,33 @@ def _pick(vec, sel):
 
 
 @triton.jit
+def _chunk(n, per_item, G: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_COST: tl.constexpr):
+    """KV positions per split of a row of ``n`` queries: the step's ``per_item``, but never below
+    what makes a split worth its partial outputs."""
+    worth = tl.cdiv(SPLIT_COST * G * n, BLOCK_N) * BLOCK_N
+    return tl.maximum(tl.maximum(per_item, worth), BLOCK_N)
+
+
+@triton.jit
 def _item(
     q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
     R, SEL_WIDTH, TARGET, FIXED_CHUNK,
     G: tl.constexpr, HKV: tl.constexpr, QPT: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
-    SPLIT_COST: tl.constexpr,
+    SPLIT_COST: tl.constexpr, REVERSED: tl.constexpr,
 ):
     """This program's item, derived from the row metadata. Both kernels call it with the same
-    arguments, so they agree on the items.
+    arguments, so they agree on the items; ``REVERSED`` hands out the last items first.
 
-    Splits are sized from the whole step's work: ``chunk`` is about the KV positions per item
-    that give ``TARGET`` items per KV head, whether the step is one 16k-token row or a hundred
-    short drafts, but never below what makes a split worth its partial (``SPLIT_COST``).
-    ``FIXED_CHUNK > 0`` overrides it (tests). All tiles of a row share the row's split ranges.
+    Splits are sized from the whole step's work: about the KV positions per item that give
+    ``TARGET`` items per KV head, whether the step is one 16k-token row or a hundred short
+    drafts (see ``_chunk``). ``FIXED_CHUNK > 0`` overrides it (tests). All tiles of a row share
+    the row's split ranges. The tiles of one split are neighbours, so programs that start
+    together read the same KV and share it through L2; the last tile comes first: under
+    causality it is the longest, and long items started last would stretch the end of the step.
 
-    Returns (unit, row, head, tile, split, n, kv, tail, cnt, chunk, splits, part_start);
-    ``unit < 0`` for a program past the last item.
+    Returns (item, row, head, tile, split, n, kv, tail, cnt, chunk, splits, part_start);
+    ``item < 0`` for a program past the last item. The row's split partials start at partial
+    item ``part_start``.
     """
     idx = tl.arange(0, R_PAD)
     ok = idx < R
@@ -93,9 +111,7 @@ def _item(
     tiles = tl.cdiv(n, QPT)
     work = tl.sum(tiles.to(tl.int64) * seen, axis=0)
     per_item = tl.cdiv(tl.cdiv(work, TARGET).to(tl.int32), BLOCK_N) * BLOCK_N
-    worth = tl.cdiv(SPLIT_COST * G * tl.minimum(n, QPT), BLOCK_N) * BLOCK_N
-    chunk = tl.maximum(tl.maximum(per_item, worth), BLOCK_N)
-    chunk = tl.where(FIXED_CHUNK > 0, FIXED_CHUNK, chunk)
+    chunk = tl.where(FIXED_CHUNK > 0, FIXED_CHUNK, _chunk(n, per_item, G, BLOCK_N, SPLIT_COST))
     splits = tl.where(tiles > 0, tl.maximum(tl.cdiv(seen, chunk), 1), 0)
     units = tiles * splits
     ends = tl.cumsum(units, axis=0)
@@ -103,17 +119,26 @@ def _item(
     split_ends = tl.cumsum(split_units, axis=0)
 
     item = tl.program_id(0)
+    total = tl.sum(units, axis=0) * HKV
+    if REVERSED:
+        item = total - 1 - item
+    item = tl.where(item < total, item, -1)
     unit = item // HKV
-    head = item % HKV
     row = tl.sum((ends <= unit).to(tl.int32), axis=0)
     sel = idx == row
-    row_splits = _pick(splits, sel)
-    u = unit - (_pick(ends, sel) - _pick(units, sel))
-    unit = tl.where(unit < tl.sum(units, axis=0), unit, -1)
+    n = _pick(n, sel)
+    kv = _pick(kv, sel)
+    tail = _pick(tail, sel)
+    cnt = _pick(cnt, sel)
+    # Scalars again rather than picks: the same arithmetic costs less than a reduction.
+    tiles = tl.cdiv(n, QPT)
+    chunk = tl.where(FIXED_CHUNK > 0, FIXED_CHUNK, _chunk(n, per_item, G, BLOCK_N, SPLIT_COST))
+    splits = tl.maximum(tl.cdiv(cnt + tl.maximum(kv - tail, 0), chunk), 1)
+    u = unit - _pick(ends - units, sel)
+    tiles = tl.maximum(tiles, 1)
     return (
-        unit, row, head, u // tl.maximum(row_splits, 1), u % tl.maximum(row_splits, 1),
-        _pick(n, sel), _pick(kv, sel), _pick(tail, sel), _pick(cnt, sel), _pick(chunk, sel), row_splits,
-        _pick(split_ends, sel) - _pick(split_units, sel),
+        item, row, item % HKV, tiles - 1 - u % tiles, u // tiles, n, kv, tail, cnt, chunk, splits,
+        _pick(split_ends - split_units, sel),
     )
 
 
@@ -188,11 +213,11 @@ def _attention_kernel(
     BLOCK_M: tl.constexpr, QPT: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, SPLIT_COST: tl.constexpr,
     WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    unit, row, h, tile, split, n, kv, tail, cnt, chunk, splits, part_start = _item(
+    item, row, h, tile, split, n, kv, tail, cnt, chunk, splits, part_start = _item(
         q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
-        R, SEL_WIDTH, TARGET, FIXED_CHUNK, G, HKV, QPT, BLOCK_N, R_PAD, SPLIT_COST,
+        R, SEL_WIDTH, TARGET, FIXED_CHUNK, G, HKV, QPT, BLOCK_N, R_PAD, SPLIT_COST, False,
     )
-    if unit < 0:
+    if item < 0:
         return
     q0 = tl.load(q_start_ptr + row).to(tl.int32)
     qi0 = tile * QPT
@@ -245,22 +270,26 @@ def _attention_kernel(
 
 
 @triton.jit
-def _final_lse(lse_ptr, part_lse_ptr, token, head, row_ok, part0, splits,
-               HQ: tl.constexpr, HKV: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Log-sum-exp over the whole row of a tile's queries: stored as is for unsplit rows,
-    combined from the split partials (starting at partial item ``part0``) otherwise."""
+def _final_lse(lse_ptr, part_lse_ptr, token, head, row_ok, part_rows, splits,
+               HQ: tl.constexpr, HKV: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr):
+    """Log-sum-exp over the whole row of some queries: stored as is for unsplit rows, combined
+    from the split partials (split s of query row i at ``part_rows[i] + s * HKV * BLOCK_M``)
+    otherwise."""
     # No early return on a runtime condition: Triton 3.6 fails to lower one here
     # ("failed to legalize unresolved materialization"), so both cases are computed and selected.
-    # Unwritten (but allocated) for split rows; discarded below. A scalar in the mask breaks the interpreter.
+    # Unwritten (but allocated) for split rows; discarded below.
     direct = tl.load(lse_ptr + token * HQ + head, mask=row_ok, other=0.0)
-    offs_m = tl.arange(0, BLOCK_M)
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    total = tl.zeros([BLOCK_M], tl.float32)
-    for s in range(0, tl.where(splits == 1, 0, splits)):
-        x = tl.load(part_lse_ptr + (part0 + s * HKV).to(tl.int64) * BLOCK_M + offs_m, mask=row_ok, other=float("-inf"))
-        m_new = tl.maximum(m, x)
+    offs_s = tl.arange(0, GROUP)
+    m = tl.full(row_ok.shape, float("-inf"), tl.float32)
+    total = tl.zeros(row_ok.shape, tl.float32)
+    # GROUP splits per step: their loads are in flight together rather than one after another.
+    for s0 in range(0, tl.where(splits == 1, 0, splits), GROUP):
+        s = s0 + offs_s
+        x = tl.load(part_lse_ptr + part_rows[None, :] + (s * HKV * BLOCK_M)[:, None],
+                    mask=(s < splits)[:, None] & row_ok[None, :], other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        total = total * tl.exp2(m - m_ref) + tl.exp2(x - m_ref)
+        total = total * tl.exp2(m - m_ref) + tl.sum(tl.exp2(x - m_ref[None, :]), axis=0)
         m = m_new
     merged = tl.where(m == float("-inf"), 0.0, m) + tl.log2(total)
     return tl.where(splits == 1, direct, merged)
@@ -275,41 +304,50 @@ def _finish_kernel(
     stride_qt, stride_qh, stride_ks, stride_kh, stride_ot, stride_oh, stride_bt, stride_sc_v, stride_sc_h,
     G: tl.constexpr, HKV: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, QPT: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, SPLIT_COST: tl.constexpr,
-    WRITE_SCORES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MERGE_GROUP: tl.constexpr, SCORE_M: tl.constexpr, SCORE_Q: tl.constexpr, WRITE_SCORES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Over the attention kernel's items: the first split of each split tile merges the tile's
     partials into the output; every split of a scored row's first tile writes the PillarAttn
-    scores of its KV range, summed over all query tiles of the row (scored rows are full rows)."""
-    unit, row, h, tile, split, n, kv, tail, cnt, chunk, splits, part_start = _item(
+    scores of its KV range (scored rows are full rows). Scores take tiles of SCORE_Q queries,
+    a whole verification row at once, so each K block is read once for all of the row's queries."""
+    # Items in reverse: the first ones here are those the attention kernel ran last, whose K is
+    # the likeliest still in L2 for the score pass.
+    item, row, h, tile, split, n, kv, tail, cnt, chunk, splits, part_start = _item(
         q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
-        R, SEL_WIDTH, TARGET, FIXED_CHUNK, G, HKV, QPT, BLOCK_N, R_PAD, SPLIT_COST,
+        R, SEL_WIDTH, TARGET, FIXED_CHUNK, G, HKV, QPT, BLOCK_N, R_PAD, SPLIT_COST, True,
     )
-    if unit < 0:
+    if item < 0:
         return
     q0 = tl.load(q_start_ptr + row).to(tl.int32)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
+    offs_s = tl.arange(0, MERGE_GROUP)
     d_ok = offs_d < D
     if (splits > 1) & (split == 0):
         row_ok, token, head, qpos = _tile_rows(tile * QPT, n, q0, kv, h, G, QPT, BLOCK_M)
-        o_mask = row_ok[:, None] & d_ok[None, :]
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-        for s in range(0, splits):
-            part = ((part_start + tile * splits + s) * HKV + h).to(tl.int64) * BLOCK_M + offs_m
-            x = tl.load(part_lse_ptr + part, mask=row_ok, other=float("-inf"))
-            o = tl.load(part_o_ptr + part[:, None] * D_PAD + offs_d[None, :], mask=o_mask, other=0.0)
-            m_new = tl.maximum(m, x)
+        # MERGE_GROUP partials per step, loaded together: a 30-split row merges in a few round trips.
+        for s0 in range(0, splits, MERGE_GROUP):
+            s = s0 + offs_s
+            s_ok = s < splits
+            rows = ((part_start + tile * splits + s) * HKV + h).to(tl.int64)[:, None] * BLOCK_M + offs_m[None, :]
+            ok = s_ok[:, None] & row_ok[None, :]
+            x = tl.load(part_lse_ptr + rows, mask=ok, other=float("-inf"))
+            o = tl.load(part_o_ptr + rows[:, :, None] * D_PAD + offs_d[None, None, :],
+                        mask=ok[:, :, None] & d_ok[None, None, :], other=0.0)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m - m_ref)
-            w = tl.exp2(x - m_ref)
-            total = total * alpha + w
-            acc = acc * alpha[:, None] + w[:, None] * o
+            w = tl.exp2(x - m_ref[None, :])
+            total = total * alpha + tl.sum(w, axis=0)
+            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, axis=0)
             m = m_new
         o = acc / tl.where(total == 0.0, 1.0, total)[:, None]
         tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=o_mask)
+                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
     if WRITE_SCORES:
         target = tl.load(score_row_ptr + row)
@@ -322,14 +360,17 @@ def _finish_kernel(
             offs_n = tl.arange(0, BLOCK_N)
             inv_count = 1.0 / (G * n).to(tl.float32)
             num_blocks = tl.cdiv(hi - lo, BLOCK_N)
-            for t in range(0, tl.cdiv(n, QPT)):
-                row_ok, token, head, qpos = _tile_rows(t * QPT, n, q0, kv, h, G, QPT, BLOCK_M)
+            for t in range(0, tl.cdiv(n, SCORE_Q)):
+                row_ok, token, head, qpos = _tile_rows(t * SCORE_Q, n, q0, kv, h, G, SCORE_Q, SCORE_M)
                 q = tl.load(
                     q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0,
                 ).to(k_ptr.dtype.element_ty)
-                part0 = (part_start + t * splits) * HKV + h
-                lse = _final_lse(lse_ptr, part_lse_ptr, token, head, row_ok, part0, splits, HQ, HKV, BLOCK_M)
+                # Where the attention kernel's tiles left each query's split partials.
+                qi = t * SCORE_Q + tl.arange(0, SCORE_M) // G
+                attn_tile = qi // QPT
+                part_rows = ((part_start + attn_tile * splits) * HKV + h).to(tl.int64) * BLOCK_M + (qi - attn_tile * QPT) * G + head % G
+                lse = _final_lse(lse_ptr, part_lse_ptr, token, head, row_ok, part_rows, splits, HQ, HKV, BLOCK_M, 16)
                 # Backwards: the blocks the attention kernel read last are the likeliest still in L2.
                 for b in range(0, num_blocks):
                     pos = lo + (num_blocks - 1 - b) * BLOCK_N + offs_n
@@ -374,24 +415,30 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(0) == 1 else t.contiguous()
 
 
-def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, warps) from shapes alone.
+@dataclass(frozen=True)
+class _Tiles:
+    block_m: int  # attention query-tile rows (queries x group heads)
+    block_n: int  # KV positions per block
+    score_m: int  # score-pass query-tile rows
+
+
+def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int) -> _Tiles:
+    """Tile shapes from shapes alone.
 
     Prefill-like steps (many tokens per row) take 128-row query tiles: tensor-core sized, and
     each KV block is reused by as many queries as fit. Decode steps (graph buckets have one row
-    per token) are memory bound: a tile holds up to 16 queries of the group, enough for a whole
-    verification row of draft_len + 1 <= 16 tokens, so its KV is read once; drafts waste the
-    unused tile rows on tensor cores that would idle anyway.
+    per token) are memory bound, and what keeps HBM busy is loads in flight, i.e. resident
+    programs: 16-row tiles keep registers and shared memory small enough for several per SM.
+    A verification row spans a few such tiles; they run side by side and share its KV in L2.
+    The score pass, in contrast, reads K for every query of a row at once.
     """
     block_n = 64 if d_pad <= 128 else 32
     if num_tokens > 2 * num_rows:
         block_m = 128 if d_pad <= 128 else 64
     else:
-        block_m = min(64, _pow2(group * min(num_tokens, 16), 16))
-    block_m = max(block_m, _pow2(group, 16))
-    # A 64 x D fp32 accumulator over 4 warps spills at D=128.
-    warps = 8 if block_m * d_pad >= 64 * 128 else 4
-    return block_m, block_n, warps
+        block_m = 16
+    small = _pow2(group, 16)
+    return _Tiles(max(block_m, small), block_n, max(min(64, _pow2(group * 16)), small))
 
 
 def paged_attention(
@@ -435,10 +482,12 @@ def paged_attention(
         raise ValueError("paged_attention needs pools with a contiguous last dimension")
     q = _last_dim_contiguous(query[0])  # (Hq, T, D)
     d_pad = _pow2(head_dim, 16)
-    auto_m, auto_n, warps = _tile_shape(num_tokens, num_rows, group, d_pad)
-    block_m = max(block_m or auto_m, _pow2(group, 16))
-    block_n = block_n or auto_n
+    tiles = _tile_shape(num_tokens, num_rows, group, d_pad)
+    block_m = max(block_m or tiles.block_m, _pow2(group, 16))
+    block_n = block_n or tiles.block_n
     qpt = block_m // group
+    # A 64 x D fp32 accumulator over 4 warps spills at D=128.
+    warps = 8 if block_m * d_pad >= 64 * 128 else 4
     selection = _last_dim_contiguous(ctx.selection[:, layer])  # [S, H, K]
     sel_width = selection.shape[-1]
 
@@ -487,12 +536,15 @@ def paged_attention(
     )
     if may_split or write_scores:
         scores = ctx.scores[:, layer] if write_scores else out  # [V, H, width]
+        # Partials merged per step: as many as keep the loaded tiles near 64 fp32 values per thread.
+        merge_group = max(1, min(8, 64 * 32 * 4 // (block_m * d_pad)))
         _finish_kernel[grid](
             q, k_pool, out, lse, part_o, part_lse, scores, *rows, block_tables,
             *plan, scores.shape[-1], qk_scale,
             q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), out.stride(1), out.stride(2),
             block_tables.stride(0), scores.stride(0), scores.stride(1),
-            **shared, WRITE_SCORES=write_scores, num_warps=4 if block_m * d_pad <= 64 * 64 else 8, num_stages=2,
+            **shared, MERGE_GROUP=merge_group, SCORE_M=tiles.score_m, SCORE_Q=tiles.score_m // group,
+            WRITE_SCORES=write_scores, num_warps=4, num_stages=2,
         )
     return out
 

@@ -104,6 +104,7 @@ class ModelRunner:
             max_kv_len=max_kv,
             use_triton=self.use_triton,
             selection_mass=self.selection_mass,
+            fresh_prefill_rows=fresh_prefill_rows,
         )
         kwargs = {self.cache_kwarg: self.cache, "use_cache": True}
         if self.keeps_logits:
