@@ -116,13 +116,15 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, method: str, sampl
 def measure(model, tag: str, ids: torch.Tensor, method: str, new_tokens: int, sampling: dict, bytes_per_token: int,
             weight_bytes: int, note: str = "", extra: dict | None = None) -> dict:
     batch, prompt_len = ids.shape
-    # Warm-up: compilation (hf_static) and graph capture (our engine) stay out of the timings. Our
-    # graphs depend on the batch, not the context, so short prompts capture them cheaply; but the
-    # engine captures one graph per (token, verification-row) bucket pair it meets, so the warm-up
-    # must decode as long as the timed run to meet the same pairs (a 48-token warm-up did not, and
-    # the first H200 table paid for captures inside its timings).
-    warm_ids = ids if method == "hf_static" else ids[:, -64:]
-    timed_generate(model, warm_ids, 48 if method == "hf_static" else new_tokens, method, sampling, extra)
+    # Warm-up: compilation (hf_static), Triton compiles and graph capture (our engine) stay out of
+    # the timings. The warm-up is the timed call itself: the engine captures one graph per
+    # (token, verification-row) bucket pair it meets, so a shorter warm-up misses pairs (a 48-token
+    # one did, and the first H200 table paid for captures inside its timings), and a call with a
+    # longer context than the engine was built for rebuilds it (new pool, new graphs).
+    if method == "hf_static":
+        timed_generate(model, ids, 48, method, sampling, extra)
+    elif method in ENGINE_METHODS:
+        timed_generate(model, ids, new_tokens, method, sampling, extra)
     base, _ = timed_generate(model, ids, 1, method, sampling, extra)
     with StepTimer() as timer:
         total, stats = timed_generate(model, ids, new_tokens, method, sampling, extra)
