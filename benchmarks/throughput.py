@@ -205,7 +205,7 @@ def run_qwen8b(args, rows: list) -> None:
     bpt, wb = kv_bytes_per_token(model), weight_bytes(model)
     ids = torch.randint(1000, 100000, (args.qwen_batch, args.qwen_context - args.qwen_new_tokens), device="cuda")
     note = "random weights: acceptance meaningless; system timings only; lockstep rounds so steps are pure draft or verify"
-    for method in ("nospec", "sparsespec"):
+    for method in args.qwen_methods:
         try:
             rows.append(measure(model, "qwen3-8b-shape-random", ids, method, args.qwen_new_tokens,
                                 dict(do_sample=False), bpt, wb, note, extra=dict(unified_schedule=False)))
@@ -276,6 +276,7 @@ def main() -> None:
     p.add_argument("--qwen-batch", type=int, default=64)
     p.add_argument("--qwen-context", type=int, default=8192)
     p.add_argument("--qwen-new-tokens", type=int, default=64)
+    p.add_argument("--qwen-methods", type=lambda s: s.split(","), default=["nospec", "sparsespec"])
     args = p.parse_args()
     rows: list = []
     try:
