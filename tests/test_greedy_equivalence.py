@@ -164,13 +164,13 @@ def test_max_length_and_max_new_tokens(llama, five_prompts):
 
 
 class StopAtToken(StoppingCriteria):
-    """Stops each row, separately, once its latest token is ``token``."""
+    """Stops each row, separately, once its latest token is ``token`` (or one of a set of tokens)."""
 
-    def __init__(self, token: int) -> None:
-        self.token = token
+    def __init__(self, token: int | set[int]) -> None:
+        self.tokens = torch.tensor(sorted(token) if isinstance(token, set) else [token])
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return input_ids[:, -1] == self.token
+        return torch.isin(input_ids[:, -1], self.tokens.to(input_ids.device))
 
 
 def test_custom_stopping_criterion(llama, five_prompts, llama_reference):
@@ -182,6 +182,23 @@ def test_custom_stopping_criterion(llama, five_prompts, llama_reference):
         ids, attention_mask=mask, max_new_tokens=48, do_sample=False, stopping_criteria=criteria, draft_len=4, min_budget=4, **SPEC
     )
     assert not torch.equal(expected, llama_reference)  # the criterion stopped rows, and padding followed
+    torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
+
+
+def test_custom_stopping_criterion_without_eos(llama, five_prompts):
+    # Without an end-of-sequence token transformers does not pad stopped rows: they decode on until
+    # every row has been stopped once, and all rows end at that step.
+    ids, mask = five_prompts
+    free = llama.generate(ids, attention_mask=mask, max_new_tokens=48, do_sample=False, eos_token_id=None)
+    # Row b's token at new position 4 + 3b stops it there at the latest, so rows stop at different steps.
+    stops = {int(free[b, ids.shape[1] + 4 + 3 * b]) for b in range(ids.shape[0])}
+    criteria = StoppingCriteriaList([StopAtToken(stops)])
+    kwargs = dict(attention_mask=mask, max_new_tokens=48, do_sample=False, stopping_criteria=criteria, eos_token_id=None, pad_token_id=0)
+    expected = llama.generate(ids, **kwargs)
+    out = llama.generate(ids, **kwargs, draft_len=4, min_budget=4, **SPEC)
+    new = expected.shape[1] - ids.shape[1]
+    assert 0 < new < 48  # the criterion ended the call early
+    assert torch.equal(expected, free[:, : expected.shape[1]])  # with real tokens after each row's own stop
     torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
 
 

@@ -136,9 +136,7 @@ def run_sparsespec(
     ]
     plan = LogitsPlan(list(logits_processor), do_sample=bool(gc.do_sample))
 
-    def stop_check(req: Request) -> bool:
-        ids = torch.cat([req.hf_prefix, torch.tensor(req.generated, dtype=torch.long)])[None].to(input_ids.device)
-        return any(bool(c(ids, None).any()) for c in custom_criteria)
+    stop_check = _CustomStop(custom_criteria, requests, input_ids.device, pads_finished_rows=bool(eos_ids))
 
     def on_commit(req: Request, tokens: list[int]) -> None:
         if tokens:
@@ -163,6 +161,7 @@ def run_sparsespec(
         if streamer is not None:
             streamer.end()
 
+    stop_check.trim(requests)
     pad = _pad_id(gc, eos_ids)
     longest = max(len(r.generated) for r in requests)
     new = torch.full((batch, longest), pad, dtype=torch.long)
@@ -208,6 +207,48 @@ def _check_call(model, gc, model_kwargs: dict, streamer, input_ids) -> None:
             f"SparseSpec does not support these generate arguments: {unknown}. It decodes text-only causal LMs "
             "from `input_ids`: pass token ids (and `attention_mask`) instead, or use plain `generate`."
         )
+
+
+class _CustomStop:
+    """Custom stopping criteria with transformers' batch semantics.
+
+    With an end-of-sequence token configured, transformers pads a row from the step a criterion
+    stops it, so that row simply finishes. Without one, it keeps decoding stopped rows (their
+    tokens are real, not padding) until every row has been stopped once, and ends all rows at that
+    step. Rows here advance at different speeds, so a stopped row runs on; once the last row is
+    stopped, every row is held to the length at which the latest-stopped one was stopped.
+    """
+
+    def __init__(self, criteria: list, requests: list[Request], device: torch.device, pads_finished_rows: bool) -> None:
+        self.criteria, self.requests, self.device = criteria, requests, device
+        self.together = not pads_finished_rows and not any(hasattr(c, "eos_token_id") for c in criteria) and len(requests) > 1
+        self.stopped_at: dict[int, int] = {}  # row -> generated tokens when a criterion first held
+        self.final_length: int | None = None
+
+    def __call__(self, req: Request) -> bool:
+        if self.final_length is not None:
+            return len(req.generated) >= self.final_length
+        if req.index in self.stopped_at:
+            return False  # stays stopped in transformers too; nothing to evaluate
+        ids = torch.cat([req.hf_prefix, torch.tensor(req.generated, dtype=torch.long)])[None].to(self.device)
+        if not any(bool(c(ids, None).any()) for c in self.criteria):
+            return False
+        if not self.together:
+            return True
+        self.stopped_at[req.index] = len(req.generated)
+        if len(self.stopped_at) < len(self.requests):
+            return False
+        self.final_length = max(self.stopped_at.values())
+        for other in self.requests:
+            other.max_new_tokens = min(other.max_new_tokens, self.final_length)
+        return len(req.generated) >= self.final_length
+
+    def trim(self, requests: list[Request]) -> None:
+        """Drop tokens that rows which ran ahead produced past the common end."""
+        if self.final_length is None:
+            return
+        for r in requests:
+            del r.generated[self.final_length :], r.scores[self.final_length :], r.logits[self.final_length :]
 
 
 def _read_stopping(criteria: list, gc) -> tuple[int, set[int], list]:
