@@ -35,6 +35,8 @@ CASES = {
     # falls on and off block boundaries.
     "page16_g3_d64_one_split": (16, 1, 3, 64, "float32", dict(block_m=16, block_n=16, split_tokens=4096)),
     "page1_g3_d32_fp16_default": (1, 2, 3, 32, "float16", {}),
+    # More splits than one merge group (8) and one log-sum-exp group (16) of the finish kernel.
+    "page16_g3_d32_many_splits": (16, 2, 3, 32, "float32", dict(block_n=16, split_tokens=5)),
     # Splits sized on the device from the step's work (G=1 lets short rows split).
     "page16_g1_d64_fp16_adaptive_splits": (16, 2, 1, 64, "float16", dict(block_m=64, block_n=16, target_items=64)),
     # As a captured CUDA graph sees it: padding rows up to one row per token, max_kv_len far above.
