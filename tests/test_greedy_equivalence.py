@@ -153,6 +153,25 @@ def test_eos_inside_accepted_drafts(llama, five_prompts, monkeypatch):
     assert len(stop_points) >= 2  # rows ended at different steps, so padding after EOS was compared
 
 
+def test_prompts_prefill_through_fused_attention(llama, five_prompts, llama_reference, monkeypatch):
+    # A step of nothing but prompts' first chunks skips the paged path (whose per-row reference
+    # materialises [H, T, T] scores: 24 GB for two 16k prompts on the CPU).
+    from hf_sparsespec.attention import interface
+
+    calls = []
+    original = interface.fresh_prefill_attention
+
+    def counting(query, *args):
+        calls.append(query.shape[2])
+        return original(query, *args)
+
+    monkeypatch.setattr(interface, "fresh_prefill_attention", counting)
+    ids, mask = five_prompts
+    out = llama.generate(ids, attention_mask=mask, max_new_tokens=48, do_sample=False, draft_len=4, min_budget=4, **SPEC)
+    torch.testing.assert_close(out.sequences, llama_reference, rtol=0, atol=0)
+    assert sum(calls) == int(mask.sum()) * llama.config.num_hidden_layers  # every prompt token, once per layer
+
+
 def test_max_length_and_max_new_tokens(llama, five_prompts):
     ids, mask = five_prompts
     by_length = llama.generate(ids, attention_mask=mask, max_length=ids.shape[1] + 21, do_sample=False, draft_len=4, min_budget=4, **SPEC)
