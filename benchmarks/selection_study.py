@@ -86,6 +86,20 @@ GRIDS = {
         "back8ahead1+recent0.5+acc0.7": knobs(8, 1, 0.5, accumulate=0.7),
         "back8ahead1+recent0.5+acc0.9": knobs(8, 1, 0.5, accumulate=0.9),
     },
+    # At 4k (once prefill became cheap on the CPU): the default against its nearest neighbours.
+    "cpu4k": {
+        "window": "window",
+        "back8ahead1+recent0.5": knobs(8, 1, 0.5),
+        "back8ahead1+recent0.25": knobs(8, 1, 0.25),
+        "pool7+recent0.5": knobs(3, 3, 0.5),
+        "back16ahead1+recent0.5": knobs(16, 1, 0.5),
+    },
+    # A larger recent share (at 5% the plain window matched the default at 4k).
+    "recent": {
+        "window": "window",
+        "back8ahead1+recent0.5": knobs(8, 1, 0.5),
+        "back8ahead1+recent0.75": knobs(8, 1, 0.75),
+    },
     "scores": {
         "pool7+recent0.5": knobs(3, 3, 0.5),
         "pool7+recent0.5+first": knobs(3, 3, 0.5, score_weights="first"),
