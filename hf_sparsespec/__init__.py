@@ -7,10 +7,11 @@
 from .attention import register_attention
 from .config import SparseSpecConfig
 from .generation import SparseSpecOutput, generate
+from .generation.engine import NonFiniteError
 from .generation.registry import install as _install_generate_name
 
 register_attention()
 _install_generate_name()
 
-__all__ = ["SparseSpecConfig", "SparseSpecOutput", "generate"]
+__all__ = ["NonFiniteError", "SparseSpecConfig", "SparseSpecOutput", "generate"]
 __version__ = "0.1.0"

@@ -39,6 +39,10 @@ class SparseSpecConfig:
         use_cuda_graphs: replay captured CUDA graphs for draft and verification steps. ``None`` picks
             them on CUDA.
         diagnostics: record, per verification, the attention mass the draft's selection captures.
+        check_finite: debugging aid: check on the device that every layer's attention output and
+            the logits of real tokens are finite, and raise ``NonFiniteError`` naming the first bad
+            layer and the step's rows when the host reads that step's results. No extra host
+            synchronisation, so steps still overlap as in a normal run.
     """
 
     draft_len: int = 8
@@ -58,6 +62,7 @@ class SparseSpecConfig:
     use_triton: bool | None = None
     use_cuda_graphs: bool | None = None
     diagnostics: bool = False
+    check_finite: bool = False
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:

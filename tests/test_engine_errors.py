@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_sparsespec import SparseSpecConfig
+from hf_sparsespec import NonFiniteError, SparseSpecConfig
 
 from conftest import tiny_model
 
@@ -85,3 +85,16 @@ def test_keywords_override_a_bundled_config(model):
     # Each alone is valid; the override must be checked together with the bundled values.
     with pytest.raises(ValueError, match="`min_budget` \\(16\\) exceeds `max_budget` \\(8\\)"):
         generate(model, sparsespec_config=SparseSpecConfig(min_budget=16, max_budget=32), max_budget=8)
+
+
+def test_check_finite_passes_healthy_steps(model):
+    # Padding tokens' outputs are never written; the check must look at real tokens only.
+    torch.testing.assert_close(generate(model, check_finite=True), generate(model), rtol=0, atol=0)
+
+
+def test_check_finite_names_the_first_bad_layer():
+    poisoned = tiny_model("qwen3")
+    with torch.no_grad():
+        poisoned.model.layers[1].self_attn.v_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"first in layer 1's attention output in forward pass 1 .*Rows: request 0 prefill"):
+        generate(poisoned, check_finite=True)

@@ -49,6 +49,9 @@ class StepContext:
     # (first token, length) of each row, known on the host when every row is a prompt's first
     # chunk: such a step needs no cache reads, and plain causal attention over its own keys does.
     fresh_prefill_rows: list[tuple[int, int]] | None = None
+    # check_finite: [L + 1] bool on the device; entry l is set when layer l's attention output of a
+    # real token (one that writes KV) is not finite, the last entry by the runner for the logits.
+    nonfinite: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:

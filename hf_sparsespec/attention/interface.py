@@ -39,12 +39,19 @@ def sparsespec_attention(
     ctx = get_step_context()
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if ctx.fresh_prefill_rows is not None:
-        return fresh_prefill_attention(query, key, value, ctx, scale), None
-    if ctx.use_triton:
+        out = fresh_prefill_attention(query, key, value, ctx, scale)
+    elif ctx.use_triton:
         from .triton_kernels import paged_attention
 
-        return paged_attention(query, key, value, ctx, module.layer_idx, scale), None
-    return reference_attention(query, key, value, ctx, module.layer_idx, scale), None
+        out = paged_attention(query, key, value, ctx, module.layer_idx, scale)
+    else:
+        out = reference_attention(query, key, value, ctx, module.layer_idx, scale)
+    if ctx.nonfinite is not None:
+        # Padding tokens' outputs are never written, so only real tokens count; no host read here,
+        # as this also runs under CUDA-graph capture.
+        real = (ctx.slot_mapping >= 0)[:, None, None]
+        ctx.nonfinite[module.layer_idx] |= ~torch.isfinite(torch.where(real, out[0], 0)).all()
+    return out, None
 
 
 def fresh_prefill_attention(

@@ -22,6 +22,10 @@ from .sampling import LogitsPlan, PositionState, verify_drafts
 from .scheduler import Row, Scheduler
 
 
+class NonFiniteError(FloatingPointError):
+    """A step produced a NaN or infinite attention output or logit (raised with ``check_finite=True``)."""
+
+
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -71,6 +75,8 @@ class StepResults:
     event: torch.cuda.Event | None
     scores: list[torch.Tensor | None] = field(default_factory=list)  # per commit row, processed scores
     logits: list[torch.Tensor | None] = field(default_factory=list)
+    nonfinite: torch.Tensor | None = None  # check_finite: this step's flags, on the host
+    described: str = ""  # check_finite: the step, for the error
 
     def ready(self) -> bool:
         """Whether reading the results would not block the host."""
@@ -113,6 +119,8 @@ class Engine:
         self.max_kv = max_context + k + 1
         self.page_table = SlotPageTable(cache, num_slots + 1, cache.pages_for(self.max_kv))
         self.runner = ModelRunner(model, cache, self.round_tokens, self.selection, self.sel_count, self.page_table, use_triton)
+        if config.check_finite:
+            self.runner.nonfinite = torch.zeros(cache.num_layers + 1, dtype=torch.bool, device=device)
         self.use_graphs = use_graphs
         # Captured graphs bake in the logits processors, so each processing plan gets its own set.
         self._graph_sets: dict[tuple, StepGraphs] = {}
@@ -201,7 +209,8 @@ class Engine:
         self.page_table.sync(rows)
         arrays = {**step.inputs, **step.post}
         num_singles = len(step.post["single_pos"])
-        if self.graphs is not None and not step.has_prefill and not (self.keep_scores or self.keep_logits):
+        captured = self.graphs is not None and not step.has_prefill and not (self.keep_scores or self.keep_logits)
+        if captured:
             tokens = bucket(step.num_tokens)
             num_verify = len(step.post["v_slot"])
             verify = min(bucket(num_verify, at_least=1), self.num_slots) if num_verify else 0
@@ -216,6 +225,7 @@ class Engine:
                 attn_scores = torch.zeros(shape, dtype=torch.float32, device=self.cache.device)
             results, scores, logits = self._device_step(views, attn_scores, step.max_kv_len, step.fresh_prefill_rows)
         self.stats.num_forward_passes += 1
+        described = self._describe(rows, step, captured) if self.runner.nonfinite is not None else ""
 
         # Host state that does not depend on device results moves on now.
         for row in rows:
@@ -230,7 +240,19 @@ class Engine:
                 req.waiting = True
                 self.stats.num_verify_steps += 1
         result_rows = step.commit_singles + [num_singles + j for j in range(len(step.post["v_slot"]))]
-        return self._results(rows, step, result_rows, results, scores, logits)
+        out = self._results(rows, step, result_rows, results, scores, logits)
+        out.described = described
+        return out
+
+    def _describe(self, rows: list[Row], step, captured: bool) -> str:
+        """The step as a check_finite error names it (built at launch: requests move on before it is read)."""
+        listed = "; ".join(
+            f"request {r.request.index} {r.kind.value} x{r.num_tokens} (kv {r.request.kv_after(r.kind, r.num_tokens)}, "
+            f"sparse {r.kind is RowKind.DRAFT and r.request.has_selection})"
+            for r in rows
+        )
+        return (f"forward pass {self.stats.num_forward_passes} ({step.num_tokens} tokens, max kv {step.max_kv_len}, "
+                f"captured graph: {captured}). Rows: {listed}")
 
     def _device_step_captured(self, views: dict[str, torch.Tensor]):
         return self._device_step(views, self.graph_scores, self.max_kv)
@@ -245,6 +267,8 @@ class Engine:
         """Everything an iteration does on the device; shapes come from the inputs alone, so this
         also runs under CUDA-graph capture. Returns ([n, k + 2] results, processed scores, logits)."""
         k = self.config.draft_len
+        if self.runner.nonfinite is not None:
+            self.runner.nonfinite.zero_()
         logits = self.runner.forward(v, attn_scores, max_kv, fresh_prefill_rows)
         scores = self.plan.apply(logits, self._position_state(v))
         parts = []
@@ -289,7 +313,8 @@ class Engine:
 
     def _results(self, rows, step, result_rows, results, scores, logits) -> StepResults:
         out = StepResults(rows, step.commit_rows, result_rows, results, None)
-        if not step.commit_rows:
+        flags = self.runner.nonfinite
+        if not step.commit_rows and flags is None:
             return out
         if results.device.type == "cuda":
             # The copy runs on a side stream so the next iteration's kernels need not queue behind it.
@@ -299,10 +324,15 @@ class Engine:
                 out.host = torch.empty(results.shape, dtype=results.dtype, pin_memory=True)
                 out.host.copy_(results, non_blocking=True)
                 results.record_stream(self.copy_stream)
+                if flags is not None:
+                    out.nonfinite = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+                    out.nonfinite.copy_(flags, non_blocking=True)
                 out.event = torch.cuda.Event()
                 out.event.record()
             # A captured step's results live in a static buffer that the next replay rewrites.
             compute.wait_stream(self.copy_stream)
+        elif flags is not None:
+            out.nonfinite = flags.clone()
         if self.keep_scores or self.keep_logits:
             for row_positions in step.commit_positions:
                 at = torch.from_numpy(row_positions).to(scores.device)
@@ -339,6 +369,12 @@ class Engine:
         """Apply an iteration's committed tokens to the host state (waits for its copies if needed)."""
         if results.event is not None:
             results.event.synchronize()
+        if results.nonfinite is not None and bool(results.nonfinite.any()):
+            flags = results.nonfinite.tolist()
+            where = f"layer {flags.index(True)}'s attention output" if any(flags[:-1]) else "the logits"
+            raise NonFiniteError(f"A non-finite value appeared first in {where} in {results.described}")
+        if not results.commit_rows:
+            return
         host = results.host.tolist()
         for j, i in enumerate(results.commit_rows):
             row = results.rows[i]

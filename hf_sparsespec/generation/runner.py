@@ -67,6 +67,7 @@ class ModelRunner:
         self.page_table = page_table
         self.use_triton = use_triton
         self.selection_mass = None  # a SelectionMass while a diagnostics run decodes
+        self.nonfinite: torch.Tensor | None = None  # check_finite flags, see StepContext
         params = inspect.signature(model.forward).parameters
         # transformers renamed `past_key_values` to `cache` after 5.17; the old name warns there.
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -105,6 +106,7 @@ class ModelRunner:
             use_triton=self.use_triton,
             selection_mass=self.selection_mass,
             fresh_prefill_rows=fresh_prefill_rows,
+            nonfinite=self.nonfinite,
         )
         kwargs = {self.cache_kwarg: self.cache, "use_cache": True}
         if self.keeps_logits:
@@ -114,4 +116,6 @@ class ModelRunner:
         logits = out.logits[0]
         if not self.keeps_logits:
             logits = logits[views["logits_index"]]
+        if self.nonfinite is not None:
+            self.nonfinite[-1] |= ~torch.isfinite(logits).all()
         return logits.float()

@@ -56,6 +56,7 @@ def generate(
     use_triton: bool | None = None,
     use_cuda_graphs: bool | None = None,
     diagnostics: bool | None = None,
+    check_finite: bool | None = None,
     sparsespec_config: SparseSpecConfig | None = None,
     **model_kwargs,
 ) -> torch.LongTensor | SparseSpecOutput:
