@@ -8,7 +8,11 @@ setting at a time say which path is at fault:
 
 - fp32 greedy at 16k, batch 4: token-identical to transformers' greedy ``generate``;
 - bf16 sampling at batch 128 and 16k: default settings; prompts prefilled in 4096-token chunks
-  (continuation chunks go through the Triton prefill tiles); CUDA graphs off; reference attention.
+  (continuation chunks go through the Triton prefill tiles); CUDA graphs off; reference attention;
+- bf16 sampling at batch 128 and 8k with ``check_finite``: graphs on, off, and without delayed
+  verification.
+
+Run a subset with ``--cases NAME ...``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,14 @@ CONTEXT = 16384
 
 CASES = {
     "fp32_greedy_b4": dict(batch=4, new=64, dtype="float32", sample=False, compare=True, engine={}),
+    # The batch-128 failure also happens at 8k (session 2); check_finite names the first
+    # non-finite layer and the step's rows without adding host synchronisation.
+    "bf16_b128_8k_check": dict(context=8192, batch=128, new=512, dtype="bfloat16", sample=True,
+                               engine=dict(prefill_chunk=65536, check_finite=True)),
+    "bf16_b128_8k_check_no_graphs": dict(context=8192, batch=128, new=512, dtype="bfloat16", sample=True,
+                                         engine=dict(prefill_chunk=65536, check_finite=True, use_cuda_graphs=False)),
+    "bf16_b128_8k_check_no_delay": dict(context=8192, batch=128, new=512, dtype="bfloat16", sample=True,
+                                        engine=dict(prefill_chunk=65536, check_finite=True, delayed_verification=False)),
     "bf16_b128_default": dict(batch=128, new=128, dtype="bfloat16", sample=True, engine=dict(prefill_chunk=65536)),
     "bf16_b128_chunked_prefill": dict(batch=128, new=128, dtype="bfloat16", sample=True, engine=dict(prefill_chunk=4096)),
     "bf16_b128_no_graphs": dict(batch=128, new=128, dtype="bfloat16", sample=True,
@@ -46,7 +58,7 @@ def run_case(name: str) -> dict:
     model_dir = ROOT / "hf_sparsespec" / "models" / "bench-code-lm"
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, case["dtype"])).cuda().eval()
-    ids = torch.stack(held_out_prompts(tok, CONTEXT - case["new"], case["batch"])).cuda()
+    ids = torch.stack(held_out_prompts(tok, case.get("context", CONTEXT) - case["new"], case["batch"])).cuda()
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=case["new"],
                   min_new_tokens=case["new"], eos_token_id=None, pad_token_id=0)
     kwargs.update(dict(do_sample=True, temperature=0.6) if case["sample"] else dict(do_sample=False))
