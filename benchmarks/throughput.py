@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -179,25 +181,34 @@ def weight_bytes(model) -> int:
 
 
 def run_bench(args, rows: list) -> None:
-    model = AutoModelForCausalLM.from_pretrained(BENCH_MODEL, dtype=torch.bfloat16).cuda().eval()
-    tok = AutoTokenizer.from_pretrained(BENCH_MODEL)
-    sampling = dict(do_sample=True, temperature=0.6)
-    bpt, wb = kv_bytes_per_token(model), weight_bytes(model)
+    """Each (shape, method) runs in its own process: a device-side assert ends the CUDA context,
+    and in-process it would lose every row after it."""
     for batch, context in args.shapes:
-        new = args.new_tokens
-        ids = prompts_for(tok, batch, context - new, seed=batch).cuda()
         for method in args.methods:
-            n, note = new, ""
-            if method == "hf_eager" and batch * context > 64 * 1024:
-                n, note = min(new, 64), "fewer new tokens (time limit), same context"
             if method == "hf_static" and (batch, context) not in args.static_shapes:
                 continue  # each static shape compiles for minutes; measured at the headline shapes only
-            try:
-                rows.append(measure(model, "bench-code-lm", ids, method, n, sampling, bpt, wb, note))
-            except Exception as exc:  # a failed baseline must not lose the other rows
-                print(f"FAILED {method} batch={batch} context={context}: {exc!r}", flush=True)
+            child = [sys.executable, __file__, "--child", f"{batch}x{context}", method, "--new-tokens", str(args.new_tokens)]
+            proc = subprocess.run(child, capture_output=True, text=True)
+            found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+            if found:
+                rows.append(json.loads(found[-1][len("ROW "):]))
+                print(found[-1][len("ROW "):], flush=True)
+            else:
+                errors = [ln for ln in proc.stderr.splitlines() if "rror" in ln or "ssert" in ln]
+                print(f"FAILED {method} batch={batch} context={context}: {' | '.join(dict.fromkeys(errors))[:600]}", flush=True)
             write_tables(rows, args.out)  # after every row: a run cut short keeps what it measured
-        torch.cuda.empty_cache()
+
+
+def run_one(shape: str, method: str, new: int) -> dict:
+    batch, context = (int(v) for v in shape.split("x"))
+    model = AutoModelForCausalLM.from_pretrained(BENCH_MODEL, dtype=torch.bfloat16).cuda().eval()
+    tok = AutoTokenizer.from_pretrained(BENCH_MODEL)
+    ids = prompts_for(tok, batch, context - new, seed=batch).cuda()
+    n, note = new, ""
+    if method == "hf_eager" and batch * context > 64 * 1024:
+        n, note = min(new, 64), "fewer new tokens (time limit), same context"
+    return measure(model, "bench-code-lm", ids, method, n, dict(do_sample=True, temperature=0.6),
+                   kv_bytes_per_token(model), weight_bytes(model), note)
 
 
 def run_qwen8b(args, rows: list) -> None:
@@ -277,7 +288,11 @@ def main() -> None:
     p.add_argument("--qwen-context", type=int, default=8192)
     p.add_argument("--qwen-new-tokens", type=int, default=64)
     p.add_argument("--qwen-methods", type=lambda s: s.split(","), default=["nospec", "sparsespec"])
+    p.add_argument("--child", nargs=2, metavar=("SHAPE", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.child:
+        print("ROW " + json.dumps(run_one(*args.child, args.new_tokens)), flush=True)
+        return
     rows: list = []
     try:
         if not args.skip_bench:
