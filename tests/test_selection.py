@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +139,11 @@ def test_mass_ranks_a_good_selection_above_a_deliberately_bad_one(bench_model, s
 def test_no_mass_reported_without_diagnostics(bench_model, short_code):
     stats = generate(bench_model, short_code, budget_ratio=0.05, max_new_tokens=8, min_new_tokens=8, diagnostics=False).spec_stats
     assert "selection_mass_per_layer" not in stats
+
+
+def test_docs_state_the_default_pillar_knobs():
+    # selection.py points to docs/selection.md for the measurements behind these knobs; a change of
+    # a knob has to come with the page (and the data) that justifies it.
+    text = (Path(__file__).resolve().parents[1] / "docs" / "selection.md").read_text()
+    for name in ("PILLAR_LOOKBACK", "PILLAR_LOOKAHEAD", "PILLAR_RECENT_FRACTION", "PILLAR_SINKS"):
+        assert f"{name} = {getattr(sel, name)}" in text, name

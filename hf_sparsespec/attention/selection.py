@@ -18,8 +18,8 @@ SINK_TOKENS = 4  # "window": StreamingLLM's attention sinks
 # "pillar": a position's priority is the best verification score from PILLAR_LOOKBACK positions
 # before it to PILLAR_LOOKAHEAD after it, so the span that follows a strongly attended token comes
 # in with it. Forward-leaning because a copying (induction) head attends one position further on
-# for each drafted token. Symmetric pooling of any width does about as well greedily; sampled at
-# T=0.6 the forward window did better in most runs (docs/selection.md).
+# for each drafted token. Symmetric pooling (3 and 3, the previous default) and a 0.25 or 0.75
+# recent share did no better, beyond the seed spread, at 4k (docs/selection.md, "Screen").
 PILLAR_LOOKBACK = 8
 PILLAR_LOOKAHEAD = 1
 PILLAR_RECENT_FRACTION = 0.5  # "pillar": share of the budget given to the most recent positions
