@@ -155,7 +155,7 @@ def test_eos_inside_accepted_drafts(llama, five_prompts, monkeypatch):
 
 def test_prompts_prefill_through_fused_attention(llama, five_prompts, llama_reference, monkeypatch):
     # A step of nothing but prompts' first chunks skips the paged path (whose per-row reference
-    # materialises [H, T, T] scores: 24 GB for two 16k prompts on the CPU).
+    # materialises [H, T, T] scores: tens of gigabytes for 16k prompts on the CPU).
     from hf_sparsespec.attention import interface
 
     calls = []

@@ -63,7 +63,7 @@ def fresh_prefill_attention(
     """
     # KV heads are repeated for the query heads rather than passed with enable_gqa=True: with it,
     # PyTorch's CPU (and float32 CUDA) SDPA falls back to the math kernel and materialises the
-    # [Hq, T, T] probabilities (4 GB for one 8k-token prompt of the bench model's shape).
+    # [Hq, T, T] probabilities (gigabytes for one 8k-token prompt).
     group = query.shape[1] // k_pool.shape[1]
     keys = k_pool[ctx.slot_mapping].transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, T, D]
     values = v_pool[ctx.slot_mapping].transpose(0, 1).repeat_interleave(group, dim=0)
