@@ -34,7 +34,7 @@ CASES = {
     # non-finite layer and the step's rows without adding host synchronisation.
     "bf16_b128_8k_check": dict(context=8192, batch=128, new=512, dtype="bfloat16", sample=True,
                                engine=dict(prefill_chunk=65536, check_finite=True)),
-    "bf16_b128_8k_check_no_graphs": dict(context=8192, batch=128, new=512, dtype="bfloat16", sample=True,
+    "bf16_b128_8k_check_no_graphs": dict(context=8192, batch=128, new=128, dtype="bfloat16", sample=True,
                                          engine=dict(prefill_chunk=65536, check_finite=True, use_cuda_graphs=False)),
     "bf16_b128_8k_check_no_delay": dict(context=8192, batch=128, new=512, dtype="bfloat16", sample=True,
                                         engine=dict(prefill_chunk=65536, check_finite=True, delayed_verification=False)),

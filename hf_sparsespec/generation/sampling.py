@@ -116,7 +116,7 @@ class LogitsPlan:
         if not self.do_sample:
             return torch.argmax(scores, dim=-1), None
         probs = torch.softmax(scores, dim=-1)
-        return torch.multinomial(probs, 1).squeeze(1), probs
+        return sample(probs), probs
 
 
 def _describe(proc) -> tuple:
@@ -172,4 +172,16 @@ def verify_drafts(
     # A zero residual means p == q there, which makes rejection impossible; keep p to stay well defined.
     residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p_at)
     final = torch.where(rejected[:, None], residual, p_at)
-    return accepted, torch.multinomial(final, 1).squeeze(1)
+    return accepted, sample(final)
+
+
+def sample(weights: torch.Tensor) -> torch.Tensor:
+    """One index per row of non-negative ``weights`` [N, V], drawn in proportion to them.
+
+    The exponential race: ``argmax(w / E)`` with ``E ~ Exp(1)`` picks ``i`` with probability
+    ``w_i / sum(w)``. ``E = -log(U)`` with ``U`` in ``[0, 1)`` is never 0 (``Tensor.exponential_``
+    has returned exact zeros on CUDA, which would pick a zero-weight index). Unlike
+    ``torch.multinomial`` it has no device-side assert, so a non-finite row cannot abort the CUDA
+    context before ``check_finite`` reports where it came from.
+    """
+    return torch.argmax(weights / -torch.rand_like(weights).log(), dim=-1)
