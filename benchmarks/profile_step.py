@@ -1,0 +1,103 @@
+"""Where a decode iteration's device time goes: a kernel table of decode steps only.
+
+    PYTHONPATH=. python3 benchmarks/profile_step.py --out $OUT --batch 128 --context 16384
+
+One generate call captures the graphs; a second runs under ``torch.profiler``, switched on at the
+first iteration without prompt rows and off after ``--steps`` iterations, so prefill kernels stay
+out of the table. Kernels replayed inside CUDA graphs are traced by CUPTI like launched ones; if a
+run shows none (older drivers), the script profiles again with ``use_cuda_graphs=False``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import hf_sparsespec
+from hf_sparsespec.generation import engine as engine_module
+from hf_sparsespec.generation.request import RowKind
+
+from benchmarks.throughput import BENCH_MODEL, prompts_for
+
+
+def profiled_generate(model, ids, new_tokens: int, steps: int, extra: dict) -> tuple[profile, dict]:
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    original = engine_module.Engine._launch
+    state = {"seen": 0, "kinds": {}}
+
+    def launch(engine, rows):
+        decoding = not any(row.kind is RowKind.PREFILL for row in rows)
+        if decoding and state["seen"] == 0:
+            torch.cuda.synchronize()
+            prof.start()
+        if decoding and state["seen"] < steps:
+            state["seen"] += 1
+            kinds = "+".join(sorted({row.kind.value for row in rows}))
+            state["kinds"][kinds] = state["kinds"].get(kinds, 0) + 1
+            out = original(engine, rows)
+            if state["seen"] == steps:
+                torch.cuda.synchronize()
+                prof.stop()
+            return out
+        return original(engine, rows)
+
+    engine_module.Engine._launch = launch
+    try:
+        generate(model, ids, new_tokens, extra)
+    finally:
+        engine_module.Engine._launch = original
+    if state["seen"] < steps:
+        prof.stop()
+    return prof, state
+
+
+def generate(model, ids, new_tokens: int, extra: dict):
+    return model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        eos_token_id=None, pad_token_id=0, do_sample=True, temperature=0.6, custom_generate=hf_sparsespec.generate,
+        prefill_chunk=65536, **extra,
+    )
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, default=Path("profile_out"))
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--context", type=int, default=16384)
+    p.add_argument("--new-tokens", type=int, default=160)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--speculate", type=int, default=1)
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(BENCH_MODEL, dtype=torch.bfloat16).cuda().eval()
+    tok = AutoTokenizer.from_pretrained(BENCH_MODEL)
+    ids = prompts_for(tok, args.batch, args.context - args.new_tokens, seed=args.batch).cuda()
+    tag = f"b{args.batch}_{args.context}_{'sparsespec' if args.speculate else 'nospec'}"
+    for extra in (dict(speculate=bool(args.speculate)), dict(speculate=bool(args.speculate), use_cuda_graphs=False)):
+        generate(model, ids, args.new_tokens, extra)  # Triton compiles and graph captures
+        prof, state = profiled_generate(model, ids, args.new_tokens, args.steps, extra)
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA or e.self_device_time_total > 0]
+        kernels = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)
+        total_us = sum(e.self_device_time_total for e in kernels)
+        if total_us == 0:
+            print(f"{tag}: no kernels traced with {extra}; trying the next setting", flush=True)
+            continue
+        rows = [{"name": e.key[:90], "calls": e.count, "us_per_step": e.self_device_time_total / state["seen"],
+                 "share": e.self_device_time_total / total_us} for e in kernels[:45]]
+        report = {"setting": extra, "steps": state["seen"], "step_kinds": state["kinds"],
+                  "device_us_per_step": total_us / state["seen"], "kernels": rows}
+        (args.out / f"profile_{tag}.json").write_text(json.dumps(report, indent=1))
+        print(f"{tag} {extra}: {state['seen']} steps {state['kinds']}, {total_us / state['seen']:.0f} us of kernels per step")
+        for r in rows:
+            print(f"{r['us_per_step']:9.1f} us {100 * r['share']:5.1f}% x{r['calls'] / state['seen']:6.1f}  {r['name']}")
+        break
+
+
+if __name__ == "__main__":
+    main()
