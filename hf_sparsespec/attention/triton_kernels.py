@@ -308,9 +308,12 @@ def _finish_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """Over the attention kernel's items: the first split of each split tile merges the tile's
-    partials into the output; every split of a scored row's first tile writes the PillarAttn
-    scores of its KV range (scored rows are full rows). Scores take tiles of SCORE_Q queries,
-    a whole verification row at once, so each K block is read once for all of the row's queries."""
+    partials into the output; the items of a scored row (a full row) write the PillarAttn scores
+    of their split's KV range, the row's tiles taking every ``tiles``-th block each so that the
+    pass runs on all of the row's programs (on the first tile alone, a 16k row's blocks ran one
+    after another on a few programs: the pass cost more than the attention it follows). Scores
+    take tiles of SCORE_Q queries, a whole verification row at once, so each K block is read
+    once for all of the row's queries."""
     # Items in reverse: the first ones here are those the attention kernel ran last, whose K is
     # the likeliest still in L2 for the score pass.
     item, row, h, tile, split, n, kv, tail, cnt, chunk, splits, part_start = _item(
@@ -351,7 +354,7 @@ def _finish_kernel(
 
     if WRITE_SCORES:
         target = tl.load(score_row_ptr + row)
-        if (target >= 0) & (tile == 0):
+        if target >= 0:
             lo = split * chunk
             hi = tl.minimum(lo + chunk, kv)
             out_row = scores_ptr + target * stride_sc_v + h * stride_sc_h
@@ -359,7 +362,9 @@ def _finish_kernel(
             k_base = k_ptr + h * stride_kh
             offs_n = tl.arange(0, BLOCK_N)
             inv_count = 1.0 / (G * n).to(tl.float32)
-            num_blocks = tl.cdiv(hi - lo, BLOCK_N)
+            tiles = tl.cdiv(n, QPT)
+            # This tile's share: blocks tile, tile + tiles, ... of the split.
+            num_blocks = tl.cdiv(tl.maximum(tl.cdiv(hi - lo, BLOCK_N) - tile, 0), tiles)
             for t in range(0, tl.cdiv(n, SCORE_Q)):
                 row_ok, token, head, qpos = _tile_rows(t * SCORE_Q, n, q0, kv, h, G, SCORE_Q, SCORE_M)
                 q = tl.load(
@@ -373,7 +378,7 @@ def _finish_kernel(
                 lse = _final_lse(lse_ptr, part_lse_ptr, token, head, row_ok, part_rows, splits, HQ, HKV, BLOCK_M, 16)
                 # Backwards: the blocks the attention kernel read last are the likeliest still in L2.
                 for b in range(0, num_blocks):
-                    pos = lo + (num_blocks - 1 - b) * BLOCK_N + offs_n
+                    pos = lo + (tile + (num_blocks - 1 - b) * tiles) * BLOCK_N + offs_n
                     pos_ok = pos < hi
                     page = tl.load(bt_row + pos // PAGE, mask=pos_ok, other=0)
                     kv_slot = page.to(tl.int64) * PAGE + pos % PAGE
