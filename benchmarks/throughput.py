@@ -4,10 +4,13 @@ Run on the accelerator machine (one call, everything side by side):
 
     PYTHONPATH=. python3 benchmarks/throughput.py --out $OUT
 
-Rows go to ``<out>/throughput.json`` (and .md, .png). Throughput is decode-only: each method runs
-once with ``new_tokens`` and once with a single new token, and the difference is divided into the
-tokens of the first run, so prefill cost (large at 16k contexts) does not blur the step rates.
-End-of-sequence is disabled so every row generates exactly ``new_tokens``.
+Rows go to ``<out>/throughput.json`` (and .md, .png). Throughput is decode-only, so prefill cost
+(large at 16k contexts) does not blur the step rates. Our engine's decode time is measured on the
+device, from the end of its last prompt step to the end of its last step (CUDA events). The
+transformers baselines run once with ``new_tokens`` and once with a single new token, and the
+difference is divided into the tokens of the first run; at 16k contexts that difference of two
+large times is noisy (our nospec moved from 19.4k to 24.1k tokens/s between two runs when it was
+measured that way too). End-of-sequence is disabled so every row generates exactly ``new_tokens``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class StepTimer:
     """Times every engine iteration with CUDA events, keyed by what its rows were."""
 
     def __init__(self) -> None:
-        self.records: list[tuple[str, torch.cuda.Event, torch.cuda.Event, int]] = []
+        self.records: list[tuple[str, torch.cuda.Event, torch.cuda.Event, int, bool]] = []
         self._original = engine_module.Engine._launch
 
     def __enter__(self) -> "StepTimer":
@@ -52,9 +55,10 @@ class StepTimer:
             out = timer._original(engine, rows)
             end.record()
             kinds = {row.kind.value for row in rows}
+            prompt = "prefill" in kinds
             kind = kinds.pop() if len(kinds) == 1 else "mixed"
             kv_read = sum(_kv_read(engine, row) for row in rows)
-            timer.records.append((kind, start, end, kv_read))
+            timer.records.append((kind, start, end, kv_read, prompt))
             return out
 
         engine_module.Engine._launch = timed_launch
@@ -66,8 +70,11 @@ class StepTimer:
     def summary(self, bytes_per_token: int, weight_bytes: int) -> dict:
         torch.cuda.synchronize()
         out = {}
+        last_prompt = max((i for i, record in enumerate(self.records) if record[4]), default=None)
+        if last_prompt is not None and last_prompt + 1 < len(self.records):
+            out["decode_s"] = self.records[last_prompt][2].elapsed_time(self.records[-1][2]) / 1e3
         for kind in ("draft", "verify", "mixed"):
-            times = [(s.elapsed_time(e), kv) for k, s, e, kv in self.records if k == kind]
+            times = [(s.elapsed_time(e), kv) for k, s, e, kv, _ in self.records if k == kind]
             if not times:
                 continue
             ms = sorted(t for t, _ in times)[len(times) // 2]
@@ -116,24 +123,23 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, method: str, sampl
 
 
 def measure(model, tag: str, ids: torch.Tensor, method: str, new_tokens: int, sampling: dict, bytes_per_token: int,
-            weight_bytes: int, note: str = "", extra: dict | None = None, steps_only: bool = False) -> dict:
+            weight_bytes: int, note: str = "", extra: dict | None = None) -> dict:
     batch, prompt_len = ids.shape
     # Warm-up: compilation (hf_static), Triton compiles and graph capture (our engine) stay out of
     # the timings. The warm-up is the timed call itself: the engine captures one graph per
     # (token, verification-row) bucket pair it meets, so a shorter warm-up misses pairs (a 48-token
     # one did, and the first H200 table paid for captures inside its timings), and a call with a
     # longer context than the engine was built for rebuilds it (new pool, new graphs).
-    # steps_only (lockstep rounds: one draft and one verification bucket) times steps alone and
-    # skips the one-token call that prices the prefill: an 8B model's prefills dominate the call.
+    engine = method in ENGINE_METHODS
     if method == "hf_static":
         timed_generate(model, ids, 48, method, sampling, extra)
-    elif method in ENGINE_METHODS:
-        timed_generate(model, ids, min(new_tokens, 24) if steps_only else new_tokens, method, sampling, extra)
-    base = None if steps_only else timed_generate(model, ids, 1, method, sampling, extra)[0]
+    elif engine:
+        timed_generate(model, ids, new_tokens, method, sampling, extra)
+    base = None if engine else timed_generate(model, ids, 1, method, sampling, extra)[0]
     with StepTimer() as timer:
         total, stats = timed_generate(model, ids, new_tokens, method, sampling, extra)
-    steps = timer.summary(bytes_per_token, weight_bytes) if method in ENGINE_METHODS else {}
-    decode_s = max(total - (base or 0.0), 1e-9)
+    steps = timer.summary(bytes_per_token, weight_bytes) if engine else {}
+    decode_s = max(steps.get("decode_s", 0.0) if engine else total - base, 1e-9)
     tokens = batch * (new_tokens - 1)
     # Plain decoding reads all weights and the whole KV once per token: that floor per token.
     mean_ctx = prompt_len + new_tokens / 2
@@ -144,7 +150,7 @@ def measure(model, tag: str, ids: torch.Tensor, method: str, new_tokens: int, sa
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "method": method,
-        "tokens_per_s": None if steps_only else tokens / decode_s,
+        "tokens_per_s": tokens / decode_s,
         "mean_accepted": stats["mean_accepted"] if stats and method != "nospec" else None,
         "ms_per_draft_step": steps.get("draft", {}).get("median_ms"),
         "ms_per_verify_step": steps.get("verify", {}).get("median_ms"),
@@ -152,7 +158,7 @@ def measure(model, tag: str, ids: torch.Tensor, method: str, new_tokens: int, sa
         "draft_floor_ms": steps.get("draft", {}).get("floor_ms"),
         "verify_floor_ms": steps.get("verify", {}).get("floor_ms"),
         # >1 means faster than plain decoding could ever be at this memory bandwidth.
-        "floor_ratio": None if steps_only else floor_s / decode_s,
+        "floor_ratio": floor_s / decode_s,
         "note": note,
     }
     print(json.dumps(row), flush=True)
@@ -222,7 +228,7 @@ def run_qwen8b(args, rows: list) -> None:
     for method in args.qwen_methods:
         try:
             rows.append(measure(model, "qwen3-8b-shape-random", ids, method, args.qwen_new_tokens,
-                                dict(do_sample=False), bpt, wb, note, steps_only=True,
+                                dict(do_sample=False), bpt, wb, note,
                                 extra=dict(unified_schedule=False, kv_memory_fraction=0.9)))
         except Exception as exc:
             print(f"FAILED qwen8b {method}: {exc!r}", flush=True)
