@@ -98,3 +98,28 @@ def test_check_finite_names_the_first_bad_layer():
         poisoned.model.layers[1].self_attn.v_proj.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"first in layer 1's attention output in forward pass 1 .*Rows: request 0 prefill"):
         generate(poisoned, check_finite=True)
+
+
+def test_padding_only_step_with_non_finite_logits_touches_only_the_dummy_slot(model, monkeypatch):
+    # A CUDA graph's warm-up runs its bucket on padding alone: no token belongs to a row, the
+    # kernels leave every attention output unwritten, and the logits are whatever that memory held
+    # (NaN on the H200, where torch.multinomial's device assert then aborted batch-128 runs at 8k
+    # and 16k). Such a step must neither fail nor change a real request's state.
+    from hf_sparsespec.generation import engine as engine_module
+    from hf_sparsespec.generation.step_builder import padding_values
+
+    engines = []
+    original = engine_module.Engine._launch
+    monkeypatch.setattr(engine_module.Engine, "_launch", lambda self, rows: engines.append(self) or original(self, rows))
+    model.generate(IDS, attention_mask=LEFT_MASK, max_new_tokens=4, do_sample=True, custom_generate="sparsespec")
+    engine = engines[-1]
+    vocab = engine.vocab_size
+    monkeypatch.setattr(engine.runner, "forward", lambda views, *rest: torch.full((views["logits_index"].shape[0], vocab), float("nan")))
+    pad = padding_values(engine.dummy_slot)
+    views = {name: torch.full((1 if name.startswith("v_") else 8,), value, dtype=torch.long) for name, value in pad.items()}
+    real = slice(0, engine.dummy_slot)
+    before = engine.round_tokens[real].clone(), engine.draft_probs[real].clone()
+    results, _, _ = engine._device_step(views, None, engine.max_kv)
+    assert (results[:, 0] == 0).all()  # nothing accepted
+    torch.testing.assert_close(engine.round_tokens[real], before[0], rtol=0, atol=0)
+    torch.testing.assert_close(engine.draft_probs[real], before[1], rtol=0, atol=0)
