@@ -224,12 +224,16 @@ def run_qwen8b(args, rows: list) -> None:
     bpt, wb = kv_bytes_per_token(model), weight_bytes(model)
     ids = torch.randint(1000, 100000, (args.qwen_batch, args.qwen_context - args.qwen_new_tokens), device="cuda")
     # The whole batch's KV (64 x 8k x 147 KB = 77 GB) must fit, or offloading would thin the steps.
+    # Lockstep needs synchronous verification too: with delayed verification the last prompt chunk's
+    # requests start a step late and every step splits into 56 + 8 rows (seen on the CPU), so the
+    # session-3 "verify" medians timed 8-row steps.
     note = "random weights: acceptance meaningless; system timings only; lockstep rounds so steps are pure draft or verify"
     for method in args.qwen_methods:
         try:
             rows.append(measure(model, "qwen3-8b-shape-random", ids, method, args.qwen_new_tokens,
                                 dict(do_sample=False), bpt, wb, note,
-                                extra=dict(unified_schedule=False, kv_memory_fraction=0.9)))
+                                extra=dict(unified_schedule=False, delayed_verification=False,
+                                           kv_memory_fraction=0.9)))
         except Exception as exc:
             print(f"FAILED qwen8b {method}: {exc!r}", flush=True)
         write_tables(rows, args.out)
