@@ -225,8 +225,8 @@ def run_qwen8b(args, rows: list) -> None:
     ids = torch.randint(1000, 100000, (args.qwen_batch, args.qwen_context - args.qwen_new_tokens), device="cuda")
     # The whole batch's KV (64 x 8k x 147 KB = 77 GB) must fit, or offloading would thin the steps.
     # Lockstep needs synchronous verification too: with delayed verification the last prompt chunk's
-    # requests start a step late and every step splits into 56 + 8 rows (seen on the CPU), so the
-    # session-3 "verify" medians timed 8-row steps.
+    # requests start a step late and steps split into 56 + 8 rows (seen on the CPU); in session 3
+    # the median pure verification step read ~24k positions, the KV of about 3 of the 64 requests.
     note = "random weights: acceptance meaningless; system timings only; lockstep rounds so steps are pure draft or verify"
     for method in args.qwen_methods:
         try:
