@@ -8,7 +8,8 @@ Each case is a packed batch of random rows of every kind over a randomly paged p
 slots hold NaN; uninitialised allocations are NaN too (``fill_uninitialized_memory``), so an output
 element the kernels forget to write, or a slot they should not read, shows up as a mismatch.
 
-A third child compiles the kernels for sm_90 without a GPU (Triton ships ptxas), since the
+The fused RMSNorm of ``generation/fused_norm.py`` is checked the same way, against transformers'
+formula and on a tiny model's own norms. A third child compiles the kernels for sm_90 without a GPU (Triton ships ptxas), since the
 interpreter accepts code the compiler rejects. Numbers on the GPU: benchmarks/kernels_check.py.
 """
 
@@ -215,6 +216,73 @@ def _check_write_kv(case):
             "v_equal": torch.equal(v_pool.nan_to_num(7.0), v_ref.nan_to_num(7.0))}
 
 
+# (shape, dtype): odd widths and row counts exercise the masks; [T, H, D] is a q/k norm.
+NORM_CASES = {
+    "rms_norm fp32 384": ((5, 384), "float32"),
+    "rms_norm bf16 3d head_dim 64": ((7, 3, 64), "bfloat16"),
+    "rms_norm fp16 96 wide": ((33, 96), "float16"),
+}
+
+
+def _check_rms_norm(case):
+    import torch
+
+    from hf_sparsespec.generation.fused_norm import rms_norm, rms_norm_reference
+
+    shape, dtype_name = NORM_CASES[case]
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(2)
+    x = (torch.randn(shape) * 4).to(dtype)
+    weight = (torch.rand(shape[-1]) + 0.5).to(dtype)
+    got, expected = rms_norm(x, weight, 1e-6), rms_norm_reference(x, weight, 1e-6)
+    # Two roundings of the input dtype (normalised row, then weight product) may each flip by one
+    # unit: the two compute the mean in different orders.
+    tol = {"float32": 1e-6, "bfloat16": 1.6e-2, "float16": 2e-3}[dtype_name]
+    return {"dtype_ok": got.dtype == expected.dtype, "shape_ok": got.shape == expected.shape,
+            "err": ((got.float() - expected.float()).abs() / expected.float().abs().clamp(min=1)).max().item(), "tol": tol}
+
+
+FUSED_NORMS_CASE = "fused norms on a tiny model"
+
+
+def _check_fused_norms(_case):
+    import torch
+    from torch import nn
+
+    from hf_sparsespec.generation.fused_norm import FusedNorms
+
+    from conftest import tiny_model
+
+    class GemmaLikeRMSNorm(nn.Module):  # scales by 1 + weight: not the kernel's formula
+        def __init__(self, n):
+            super().__init__()
+            self.weight, self.eps = nn.Parameter(torch.zeros(n)), 1e-6
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight)
+
+    model = tiny_model("qwen3")
+    model.extra_norm = GemmaLikeRMSNorm(64)
+    hooked = model.model.norm
+    hooked_forward = hooked.forward
+    hooked.forward = lambda x: hooked_forward(x) * 1.0  # an instance-level forward installed by someone else
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        expected = model(ids).logits
+        norms = FusedNorms(model)
+        with norms.swapped():
+            got = model(ids).logits
+            inside = model.extra_norm.forward.__func__ is GemmaLikeRMSNorm.forward
+        after = model(ids).logits
+    return {
+        "swapped": len(norms.modules),  # 2 layers x (input, post-attention, q, k) + final
+        "gemma_kept": inside and model.extra_norm not in norms.modules,
+        "hook_restored": hooked.__dict__.get("forward") is not None and "forward" not in model.model.layers[0].input_layernorm.__dict__,
+        "err": (got - expected).abs().max().item(),
+        "after_identical": torch.equal(after, expected),
+    }
+
+
 # Compiled (not interpreted) for an H100/H200, as the engine uses them: catches what the interpreter
 # lets through (types, layouts, lowering). Integer strides are marked divisible by 16, as the launcher
 # specialises head-dim multiples, so this is the vectorised code path the GPU gets.
@@ -224,6 +292,7 @@ SM90_KERNELS = {
     "finish": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, MERGE_GROUP=4, SCORE_M=64, SCORE_Q=16,
                                       WRITE_SCORES=True, DOT_PRECISION="tf32"), 4),
     "write_kv": ("_write_kv_kernel", dict(H=8, H_PAD=8, D=128, D_PAD=128), 4),
+    "rms_norm": ("_rms_norm_kernel", dict(BLOCK_N=4096, ROWS=1), 4),
 }
 
 
@@ -233,10 +302,11 @@ def _compile_sm90(name: str) -> dict:
     from triton.compiler import ASTSource
 
     from hf_sparsespec.attention import triton_kernels
+    from hf_sparsespec.generation import fused_norm
 
     kernel_name, constexprs, warps = SM90_KERNELS[name]
-    fn = getattr(triton_kernels, kernel_name)
-    if kernel_name != "_write_kv_kernel":  # Qwen3-8B: 32 query heads over 8 KV heads of 128
+    fn = getattr(triton_kernels, kernel_name, None) or getattr(fused_norm, kernel_name)
+    if kernel_name in ("_attention_kernel", "_finish_kernel"):  # Qwen3-8B: 32 query heads over 8 KV heads of 128
         constexprs = dict(G=4, HKV=8, HQ=32, D=128, D_PAD=128, R_PAD=256, SPLIT_COST=16, **constexprs)
     ints = {"bt_ptr": "i64", "sel_ptr": "i32", "sel_count_ptr": "i32", "is_draft_ptr": "i1", "slot_ptr": "i64"}
     metadata = ("q_start_ptr", "q_len_ptr", "kv_len_ptr", "tail_ptr", "sel_slot_ptr", "score_row_ptr")
@@ -249,7 +319,7 @@ def _compile_sm90(name: str) -> dict:
             signature[arg] = "*" + ints.get(arg, "i64" if arg in metadata else "fp32" if arg in fp32 else "bf16")
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            signature[arg] = "fp32" if arg == "qk_scale" else "i32"
+            signature[arg] = "fp32" if arg in ("qk_scale", "eps") else "i32"
             if arg.startswith("stride_") and not arg.startswith(("stride_bt", "stride_sel", "stride_sc")):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
@@ -261,13 +331,15 @@ def _child(names: list[str]) -> None:
     import torch
 
     torch.use_deterministic_algorithms(True)  # with fill_uninitialized_memory: torch.empty holds NaN
+    checks = {
+        **{name: _compile_sm90 for name in SM90_KERNELS}, **{name: _check_attention for name in CASES},
+        **{name: _check_write_kv for name in WRITE_KV_CASES}, **{name: _check_rms_norm for name in NORM_CASES},
+        FUSED_NORMS_CASE: _check_fused_norms,
+    }
     results = {}
     for name in names:
         try:
-            if name in SM90_KERNELS:
-                results[name] = _compile_sm90(name)
-            else:
-                results[name] = _check_attention(name) if name in CASES else _check_write_kv(name)
+            results[name] = checks[name](name)
         except Exception as exc:  # reported per case by the parent
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
     print("RESULTS " + json.dumps(results))
@@ -296,7 +368,7 @@ def _run_children(groups: list[tuple[list[str], bool]]) -> dict:
 @pytest.fixture(scope="module")
 def results():
     pytest.importorskip("triton")
-    names = list(CASES) + list(WRITE_KV_CASES)
+    names = list(CASES) + list(WRITE_KV_CASES) + list(NORM_CASES) + [FUSED_NORMS_CASE]
     # Sized for the two cores of a small CI machine.
     return _run_children([(names[0::2], True), (names[1::2], True), (list(SM90_KERNELS), False)])
 
@@ -317,6 +389,23 @@ def test_write_kv_matches_reference(results, case):
     r = results[case]
     assert "error" not in r, r.get("error")
     assert r["k_equal"] and r["v_equal"], r
+
+
+@pytest.mark.parametrize("case", list(NORM_CASES))
+def test_rms_norm_matches_transformers_formula(results, case):
+    r = results[case]
+    assert "error" not in r, r.get("error")
+    assert r["dtype_ok"] and r["shape_ok"], r
+    assert r["err"] <= r["tol"], r
+
+
+def test_fused_norms_swap_only_what_they_reproduce(results):
+    r = results[FUSED_NORMS_CASE]
+    assert "error" not in r, r.get("error")
+    assert r["swapped"] == 9, r
+    assert r["gemma_kept"], "a norm with another formula must keep its own forward"
+    assert r["hook_restored"], "forwards installed on instances must come back after the step"
+    assert r["err"] <= 1e-5 and r["after_identical"], r
 
 
 @pytest.mark.parametrize("kernel", list(SM90_KERNELS))

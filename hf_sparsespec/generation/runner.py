@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
+
 import torch
 
 from ..attention.context import StepContext, step_context
 from ..cache.paged_cache import PagedKVCache
+from .fused_norm import FusedNorms
 from .scheduler import Row
 from .upload import upload
 
@@ -46,7 +49,8 @@ class SlotPageTable:
 
 
 class ModelRunner:
-    """Runs the unmodified HF model on a packed step with the paged cache.
+    """Runs the HF model on a packed step with the paged cache (with the Triton kernels, its
+    RMSNorms run fused for the duration of the call; see ``fused_norm``).
 
     Inputs are device views of the step's metadata (see ``step_builder``); the same code runs
     eagerly and under CUDA-graph capture, so it reads no tensor value on the host.
@@ -66,6 +70,8 @@ class ModelRunner:
         self.round_tokens, self.selection, self.sel_count = round_tokens, selection, sel_count
         self.page_table = page_table
         self.use_triton = use_triton
+        # With the Triton kernels, the model's RMSNorms run fused too (verified per class first).
+        self.norms = FusedNorms(model) if use_triton else None
         self.selection_mass = None  # a SelectionMass while a diagnostics run decodes
         self.nonfinite: torch.Tensor | None = None  # check_finite flags, see StepContext
         params = inspect.signature(model.forward).parameters
@@ -111,7 +117,7 @@ class ModelRunner:
         kwargs = {self.cache_kwarg: self.cache, "use_cache": True}
         if self.keeps_logits:
             kwargs["logits_to_keep"] = views["logits_index"]
-        with step_context(context):
+        with step_context(context), self.norms.swapped() if self.norms is not None else nullcontext():
             out = self.model(input_ids=ids[None], position_ids=positions[None], **kwargs)
         logits = out.logits[0]
         if not self.keeps_logits:
