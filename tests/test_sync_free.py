@@ -122,3 +122,37 @@ def test_results_are_absorbed_one_iteration_late(monkeypatch):
             # Either the next iteration was queued before the host looked at this one's results, or
             # every request was waiting for them and there was nothing to queue.
             assert events[position - 1] in (("launch", i + 1), ("nothing to run", -1)), events[: position + 1]
+
+
+def test_a_slow_device_never_has_more_than_two_iterations_queued(monkeypatch):
+    # On a device whose results are never ready early, the host reads iteration N as soon as N + 1
+    # is queued, so a request that verified in N can run again in N + 2.
+    events: list[tuple[str, int]] = []
+    original_launch = engine_module.Engine._launch
+    original_absorb = engine_module.Engine._absorb
+
+    def launch(self, rows):
+        results = original_launch(self, rows)
+        results.iteration = len([e for e in events if e[0] == "launch"])
+        events.append(("launch", results.iteration))
+        return results
+
+    def absorb(self, results):
+        events.append(("absorb", results.iteration))
+        return original_absorb(self, results)
+
+    monkeypatch.setattr(engine_module.Engine, "_launch", launch)
+    monkeypatch.setattr(engine_module.Engine, "_absorb", absorb)
+    monkeypatch.setattr(engine_module.StepResults, "ready", lambda self: False)
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (4, 30))
+    model.generate(input_ids=ids, max_new_tokens=30, do_sample=False, custom_generate=hf_sparsespec.generate,
+                   min_budget=4, draft_len=4)
+    launched = [i for kind, i in events if kind == "launch"]
+    assert len(launched) > 10
+    absorbed_before = set()
+    for kind, i in events:
+        if kind == "absorb":
+            absorbed_before.add(i)
+        elif i >= 2:
+            assert i - 2 in absorbed_before, f"iteration {i} was queued before {i - 2} was read: {events}"

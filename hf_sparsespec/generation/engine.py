@@ -91,6 +91,12 @@ class Engine:
     request's tokens only when they are committed, one iteration later (delayed verification).
     """
 
+    # Iterations queued on the device before the host waits for the oldest. With two, the host
+    # reads iteration N while N + 1 runs, and a request that verified in N is planned into N + 2,
+    # sitting out one iteration; a third in flight would only pay off if the host's work per
+    # iteration exceeded the device's, and it costs every verified request a second idle iteration.
+    IN_FLIGHT = 2
+
     def __init__(self, model: torch.nn.Module, config: SparseSpecConfig, cache: PagedKVCache, num_slots: int, max_context: int):
         self.model, self.config, self.cache = model, config, cache
         device = cache.device
@@ -175,10 +181,10 @@ class Engine:
                         self._absorb(pending.popleft())
                     continue
                 # Read finished iterations, never the one just queued. Wait only when nothing could be
-                # queued or the host ran two iterations ahead: the device always has work first.
+                # queued or IN_FLIGHT iterations are: the device always has work first.
                 while len(pending) > 1 and pending[0].ready():
                     self._absorb(pending.popleft())
-                if pending and (not rows or len(pending) > 2):
+                if pending and (not rows or len(pending) >= self.IN_FLIGHT):
                     self._absorb(pending.popleft())
         finally:
             for request in list(self.scheduler.active):
