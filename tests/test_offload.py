@@ -48,6 +48,8 @@ SMALL_POOLS = {
     "plain schedule, no delayed verification": dict(
         page_size=4, kv_pool_tokens=96, unified_schedule=False, delayed_verification=False
     ),
+    # Plain decoding keeps rows in flight, so a request can be offloaded with a token not yet read.
+    "no speculation": dict(page_size=4, kv_pool_tokens=96, speculate=False),
 }
 
 

@@ -156,3 +156,25 @@ def test_a_slow_device_never_has_more_than_two_iterations_queued(monkeypatch):
             absorbed_before.add(i)
         elif i >= 2:
             assert i - 2 in absorbed_before, f"iteration {i} was queued before {i - 2} was read: {events}"
+
+
+def test_plain_decoding_queues_the_next_row_before_reading_a_token(monkeypatch):
+    # speculate=False knows each next position at launch, so a request does not sit out the
+    # iteration that brings its token to the host: the host never finds nothing to queue, except
+    # while the first token (sampled at the end of the prompt) is on its way.
+    empty_plans = []
+    original_plan = engine_module.Scheduler.plan
+
+    def plan(self):
+        rows = original_plan(self)
+        if not rows:
+            empty_plans.append(len(self.active))
+        return rows
+
+    monkeypatch.setattr(engine_module.Scheduler, "plan", plan)
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (3, 20))
+    out = model.generate(input_ids=ids, max_new_tokens=40, do_sample=False, custom_generate=hf_sparsespec.generate,
+                         speculate=False)
+    torch.testing.assert_close(out, model.generate(input_ids=ids, max_new_tokens=40, do_sample=False), rtol=0, atol=0)
+    assert len(empty_plans) <= 3, empty_plans

@@ -242,8 +242,14 @@ class Engine:
             elif row.kind is RowKind.DRAFT:
                 req.drafted += 1
                 self.stats.num_draft_steps += 1
-            else:
+            elif self.config.speculate:
                 req.waiting = True
+                self.stats.num_verify_steps += 1
+            else:
+                # Plain decoding commits exactly one token per row, so the next row's position is
+                # known now and its input token is already on the device: no need to wait.
+                req.num_cached += 1
+                req.in_flight += 1
                 self.stats.num_verify_steps += 1
         result_rows = step.commit_singles + [num_singles + j for j in range(len(step.post["v_slot"]))]
         out = self._results(rows, step, result_rows, results, scores, logits)
@@ -395,7 +401,9 @@ class Engine:
                 self.stats.num_drafts_accepted += m
             if req.finished:
                 continue
-            if row.kind is RowKind.PREFILL:
+            if row.kind is RowKind.VERIFY and not self.config.speculate:
+                req.in_flight -= 1  # its position was taken at launch
+            elif row.kind is RowKind.PREFILL:
                 req.num_cached = len(req.prompt)
                 req.tail_start, req.has_selection = 0, False
                 self.scheduler.start_round(req, first=True)

@@ -37,6 +37,9 @@ class Request:
     tail_start: int = 0  # drafts always see positions >= this
     has_selection: bool = False
     waiting: bool = False  # results of its last commit are still on their way to the host
+    # Plain decoding (speculate=False) does not wait: its next row reads the sampled token on the
+    # device, and this counts the tokens sampled there that the host has not read yet.
+    in_flight: int = 0
     finished: bool = False
     offloaded: HostKV | None = None
     scores: list[torch.Tensor] = field(default_factory=list)  # processed scores per generated token, if asked
@@ -49,6 +52,11 @@ class Request:
     @property
     def remaining(self) -> int:
         return self.max_new_tokens - len(self.generated)
+
+    @property
+    def results_pending(self) -> bool:
+        """Whether results of rows already run are still to reach the host."""
+        return self.waiting or self.in_flight > 0
 
     @property
     def kv_written(self) -> int:

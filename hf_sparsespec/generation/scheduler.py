@@ -68,7 +68,8 @@ class Scheduler:
         self._admit()
         rows: list[Row] = []
         prefill_tokens = 0
-        ready = [r for r in self.active if not r.waiting and r.offloaded is None]
+        # A plain-decoding request whose remaining tokens are all in flight has nothing left to run.
+        ready = [r for r in self.active if not r.waiting and r.offloaded is None and (r.in_flight == 0 or r.remaining > r.in_flight)]
         # New prompts go alone: a step of nothing but prompts' first chunks needs no cache reads and
         # runs through fused dense attention, many times faster than mixed with paged decode rows.
         fresh = [r for r in ready if r.prefilled == 0]
@@ -84,7 +85,7 @@ class Scheduler:
             if kind is RowKind.PREFILL:
                 prefill_tokens += n
             rows.append(Row(request, kind, n))
-        if not rows and not any(r.waiting for r in self.active) and self.active:
+        if not rows and not any(r.results_pending for r in self.active) and self.active:
             raise KVPoolTooSmall(self._too_small_message())
         return rows
 
@@ -120,7 +121,7 @@ class Scheduler:
             except OutOfPages:
                 victim = self._pick_victim(request, planned) if self.config.offload else None
                 if victim is None:
-                    if not self.config.offload and not planned and not any(r.waiting for r in self.active):
+                    if not self.config.offload and not planned and not any(r.results_pending for r in self.active):
                         raise KVPoolTooSmall(
                             f"The KV pool ({self.cache.num_pages} pages of {self.cache.page_size} tokens) is full and "
                             "offload=False forbids moving requests to host memory. Enable `offload`, pass a larger "

@@ -69,7 +69,7 @@ def build_step(
     prefill_ids = []
     for i, row in enumerate(rows):
         req = row.request
-        n[i], slot[i], tail[i], done[i] = row.num_tokens, req.slot, req.tail_start, len(req.generated)
+        n[i], slot[i], tail[i], done[i] = row.num_tokens, req.slot, req.tail_start, len(req.generated) + req.in_flight
         if row.kind is RowKind.PREFILL:
             kind[i], start[i] = PREFILL, req.prefilled
             prefill_ids.append((i, req.prompt[req.prefilled : req.prefilled + row.num_tokens]))
