@@ -8,8 +8,8 @@ Each case is a packed batch of random rows of every kind over a randomly paged p
 slots hold NaN; uninitialised allocations are NaN too (``fill_uninitialized_memory``), so an output
 element the kernels forget to write, or a slot they should not read, shows up as a mismatch.
 
-The fused RMSNorm of ``generation/fused_norm.py`` is checked the same way, against transformers'
-formula and on a tiny model's own norms. A third child compiles the kernels for sm_90 without a GPU (Triton ships ptxas), since the
+The fused RMSNorm and rotary kernels of ``generation/`` are checked the same way, against
+transformers' own code and on tiny models. A third child compiles the kernels for sm_90 without a GPU (Triton ships ptxas), since the
 interpreter accepts code the compiler rejects. Numbers on the GPU: benchmarks/kernels_check.py.
 """
 
@@ -242,7 +242,71 @@ def _check_rms_norm(case):
             "err": ((got.float() - expected.float()).abs() / expected.float().abs().clamp(min=1)).max().item(), "tol": tol}
 
 
+# (heads, tokens, head_dim, dtype), queries and keys laid out as the model passes them.
+ROTARY_CASES = {
+    "rotary fp32 d64": (4, 7, 64, "float32"),
+    "rotary bf16 d128": (2, 3, 128, "bfloat16"),
+}
+
+
+def _check_rotary(case):
+    import torch
+    from transformers.models.qwen3 import modeling_qwen3
+
+    from hf_sparsespec.generation.fused_rotary import rotate
+
+    heads, tokens, dim, dtype_name = ROTARY_CASES[case]
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(3)
+    x = torch.randn(1, tokens, heads, dim).to(dtype).transpose(1, 2)
+    angles = torch.rand(1, tokens, dim // 2) * 6.3
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    expected, _ = modeling_qwen3.apply_rotary_pos_emb(x, x, cos, sin)
+    got = rotate(x, cos, sin)
+    # transformers rounds each product and the sum to the input dtype; the kernel rounds once.
+    tol = {"float32": 1e-6, "bfloat16": 2e-2}[dtype_name]
+    return {"layout_ok": got.stride() == x.stride(), "err": (got.float() - expected.float()).abs().max().item(), "tol": tol}
+
+
 FUSED_NORMS_CASE = "fused norms on a tiny model"
+FUSED_ROTARY_CASE = "fused rotary on tiny models"
+
+
+def _check_fused_rotary(_case):
+    import sys
+
+    import torch
+
+    from hf_sparsespec.generation.fused_rotary import FusedRotary
+
+    from conftest import tiny_model
+
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    report = {}
+    for arch in ("qwen3", "llama"):
+        model = tiny_model(arch)
+        module = sys.modules[type(model.model.layers[0].self_attn).__module__]
+        original = module.apply_rotary_pos_emb
+        with torch.no_grad():
+            expected = model(ids).logits
+            fused = FusedRotary(model)
+            with fused.swapped():
+                got = model(ids).logits
+                swapped = module.apply_rotary_pos_emb is not original
+            after = model(ids).logits
+        report[arch] = {"modules": len(fused.modules), "swapped": swapped, "restored": module.apply_rotary_pos_emb is original,
+                        "err": (got - expected).abs().max().item(), "after_identical": torch.equal(after, expected)}
+
+    def partial_rotary(q, k, cos, sin, unsqueeze_dim=1):  # rotates only half of each head, as Phi does
+        half = q.shape[-1] // 2
+        rotated = module.apply_rotary_pos_emb(q[..., :half], k[..., :half], cos[..., :half], sin[..., :half])
+        return tuple(torch.cat((r, x[..., half:]), dim=-1) for r, x in zip(rotated, (q, k)))
+
+    from hf_sparsespec.generation.fused_rotary import _reproduces
+
+    report["partial_rotary_refused"] = not _reproduces(partial_rotary, torch.float32, torch.device("cpu"))
+    return report
 
 
 def _check_fused_norms(_case):
@@ -293,6 +357,7 @@ SM90_KERNELS = {
                                       WRITE_SCORES=True, DOT_PRECISION="tf32"), 4),
     "write_kv": ("_write_kv_kernel", dict(H=8, H_PAD=8, D=128, D_PAD=128), 4),
     "rms_norm": ("_rms_norm_kernel", dict(BLOCK_N=4096, ROWS=1), 4),
+    "rotary": ("_rotary_kernel", dict(HALF=64, BLOCK=64), 1),
 }
 
 
@@ -302,10 +367,10 @@ def _compile_sm90(name: str) -> dict:
     from triton.compiler import ASTSource
 
     from hf_sparsespec.attention import triton_kernels
-    from hf_sparsespec.generation import fused_norm
+    from hf_sparsespec.generation import fused_norm, fused_rotary
 
     kernel_name, constexprs, warps = SM90_KERNELS[name]
-    fn = getattr(triton_kernels, kernel_name, None) or getattr(fused_norm, kernel_name)
+    fn = getattr(triton_kernels, kernel_name, None) or getattr(fused_norm, kernel_name, None) or getattr(fused_rotary, kernel_name)
     if kernel_name in ("_attention_kernel", "_finish_kernel"):  # Qwen3-8B: 32 query heads over 8 KV heads of 128
         constexprs = dict(G=4, HKV=8, HQ=32, D=128, D_PAD=128, R_PAD=256, SPLIT_COST=16, **constexprs)
     ints = {"bt_ptr": "i64", "sel_ptr": "i32", "sel_count_ptr": "i32", "is_draft_ptr": "i1", "slot_ptr": "i64"}
@@ -334,7 +399,8 @@ def _child(names: list[str]) -> None:
     checks = {
         **{name: _compile_sm90 for name in SM90_KERNELS}, **{name: _check_attention for name in CASES},
         **{name: _check_write_kv for name in WRITE_KV_CASES}, **{name: _check_rms_norm for name in NORM_CASES},
-        FUSED_NORMS_CASE: _check_fused_norms,
+        **{name: _check_rotary for name in ROTARY_CASES}, FUSED_NORMS_CASE: _check_fused_norms,
+        FUSED_ROTARY_CASE: _check_fused_rotary,
     }
     results = {}
     for name in names:
@@ -368,7 +434,7 @@ def _run_children(groups: list[tuple[list[str], bool]]) -> dict:
 @pytest.fixture(scope="module")
 def results():
     pytest.importorskip("triton")
-    names = list(CASES) + list(WRITE_KV_CASES) + list(NORM_CASES) + [FUSED_NORMS_CASE]
+    names = list(CASES) + list(WRITE_KV_CASES) + list(NORM_CASES) + [FUSED_NORMS_CASE] + list(ROTARY_CASES) + [FUSED_ROTARY_CASE]
     # Sized for the two cores of a small CI machine.
     return _run_children([(names[0::2], True), (names[1::2], True), (list(SM90_KERNELS), False)])
 
@@ -406,6 +472,23 @@ def test_fused_norms_swap_only_what_they_reproduce(results):
     assert r["gemma_kept"], "a norm with another formula must keep its own forward"
     assert r["hook_restored"], "forwards installed on instances must come back after the step"
     assert r["err"] <= 1e-5 and r["after_identical"], r
+
+
+@pytest.mark.parametrize("case", list(ROTARY_CASES))
+def test_rotary_matches_transformers(results, case):
+    r = results[case]
+    assert "error" not in r, r.get("error")
+    assert r["layout_ok"], "the output must keep the input's (transposed) layout"
+    assert r["err"] <= r["tol"], r
+
+
+def test_fused_rotary_swaps_only_what_it_reproduces(results):
+    r = results[FUSED_ROTARY_CASE]
+    assert "error" not in r, r.get("error")
+    for arch in ("qwen3", "llama"):
+        assert r[arch]["modules"] == 1 and r[arch]["swapped"] and r[arch]["restored"], r
+        assert r[arch]["err"] <= 1e-5 and r[arch]["after_identical"], r
+    assert r["partial_rotary_refused"], "a rotary variant the kernel does not compute must keep its own code"
 
 
 @pytest.mark.parametrize("kernel", list(SM90_KERNELS))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import inspect
-from contextlib import nullcontext
+from contextlib import ExitStack
 
 import torch
 
 from ..attention.context import StepContext, step_context
 from ..cache.paged_cache import PagedKVCache
 from .fused_norm import FusedNorms
+from .fused_rotary import FusedRotary
 from .scheduler import Row
 from .upload import upload
 
@@ -50,7 +51,8 @@ class SlotPageTable:
 
 class ModelRunner:
     """Runs the HF model on a packed step with the paged cache (with the Triton kernels, its
-    RMSNorms run fused for the duration of the call; see ``fused_norm``).
+    RMSNorms and rotary embeddings run fused for the duration of the call; see ``fused_norm`` and
+    ``fused_rotary``).
 
     Inputs are device views of the step's metadata (see ``step_builder``); the same code runs
     eagerly and under CUDA-graph capture, so it reads no tensor value on the host.
@@ -70,8 +72,9 @@ class ModelRunner:
         self.round_tokens, self.selection, self.sel_count = round_tokens, selection, sel_count
         self.page_table = page_table
         self.use_triton = use_triton
-        # With the Triton kernels, the model's RMSNorms run fused too (verified per class first).
-        self.norms = FusedNorms(model) if use_triton else None
+        # With the Triton kernels, the model's RMSNorms and rotary embeddings run fused too
+        # (each verified against the model's own code first).
+        self.fused = [FusedNorms(model), FusedRotary(model)] if use_triton else []
         self.selection_mass = None  # a SelectionMass while a diagnostics run decodes
         self.nonfinite: torch.Tensor | None = None  # check_finite flags, see StepContext
         params = inspect.signature(model.forward).parameters
@@ -117,7 +120,9 @@ class ModelRunner:
         kwargs = {self.cache_kwarg: self.cache, "use_cache": True}
         if self.keeps_logits:
             kwargs["logits_to_keep"] = views["logits_index"]
-        with step_context(context), self.norms.swapped() if self.norms is not None else nullcontext():
+        with step_context(context), ExitStack() as swaps:
+            for fused in self.fused:
+                swaps.enter_context(fused.swapped())
             out = self.model(input_ids=ids[None], position_ids=positions[None], **kwargs)
         logits = out.logits[0]
         if not self.keeps_logits:
