@@ -278,10 +278,14 @@ def _check_fused_rotary(_case):
 
     import torch
 
+    from hf_sparsespec.generation import fused_rotary
     from hf_sparsespec.generation.fused_rotary import FusedRotary
 
     from conftest import tiny_model
 
+    calls = []
+    kernel = fused_rotary.rotate
+    fused_rotary.rotate = lambda *args: calls.append(1) or kernel(*args)  # the kernel, not the fallback, ran
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     report = {}
     for arch in ("qwen3", "llama"):
@@ -291,11 +295,13 @@ def _check_fused_rotary(_case):
         with torch.no_grad():
             expected = model(ids).logits
             fused = FusedRotary(model)
+            calls.clear()
             with fused.swapped():
                 got = model(ids).logits
                 swapped = module.apply_rotary_pos_emb is not original
             after = model(ids).logits
-        report[arch] = {"modules": len(fused.modules), "swapped": swapped, "restored": module.apply_rotary_pos_emb is original,
+        report[arch] = {"modules": len(fused.modules), "swapped": swapped, "kernel_calls": len(calls),
+                        "restored": module.apply_rotary_pos_emb is original,
                         "err": (got - expected).abs().max().item(), "after_identical": torch.equal(after, expected)}
 
     def partial_rotary(q, k, cos, sin, unsqueeze_dim=1):  # rotates only half of each head, as Phi does
@@ -487,6 +493,7 @@ def test_fused_rotary_swaps_only_what_it_reproduces(results):
     assert "error" not in r, r.get("error")
     for arch in ("qwen3", "llama"):
         assert r[arch]["modules"] == 1 and r[arch]["swapped"] and r[arch]["restored"], r
+        assert r[arch]["kernel_calls"] == 4, r  # queries and keys of both layers
         assert r[arch]["err"] <= 1e-5 and r[arch]["after_identical"], r
     assert r["partial_rotary_refused"], "a rotary variant the kernel does not compute must keep its own code"
 

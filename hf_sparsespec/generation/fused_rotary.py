@@ -64,19 +64,21 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return out
 
 
-def _covered(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -> bool:
-    """Call shapes the kernel handles: one sequence, (1, H, T, D) with unit last stride, (1, T, D) tables."""
+def _covered(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int,
+             device: torch.device) -> bool:
+    """Calls the kernel handles: on the engine's device (the swap is module-wide, so another model
+    may call it meanwhile), one sequence, (1, H, T, D) with unit last stride, (1, T, D) tables."""
     return (
-        unsqueeze_dim == 1 and q.dim() == 4 and k.dim() == 4 and q.shape[0] == 1 and k.shape[0] == 1
+        q.device == device and unsqueeze_dim == 1 and q.dim() == 4 and k.dim() == 4 and q.shape[0] == 1 and k.shape[0] == 1
         and cos.shape == sin.shape == (1, q.shape[2], q.shape[3]) and k.shape[2:] == q.shape[2:]
         and q.shape[3] % 2 == 0 and cos.stride() == sin.stride() and cos.stride(-1) == 1
         and q.stride(-1) == 1 and k.stride(-1) == 1 and q.device == cos.device
     )
 
 
-def _fused(original: Callable) -> Callable:
+def _fused(original: Callable, device: torch.device) -> Callable:
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        if not _covered(q, k, cos, sin, unsqueeze_dim):
+        if not _covered(q, k, cos, sin, unsqueeze_dim, device):
             return original(q, k, cos, sin, unsqueeze_dim)
         return rotate(q, cos, sin), rotate(k, cos, sin)
 
@@ -89,6 +91,7 @@ class FusedRotary:
     def __init__(self, model: torch.nn.Module) -> None:
         names = {type(m).__module__ for m in model.modules() if hasattr(m, "q_proj")}
         parameter = next(model.parameters())
+        self.device = parameter.device
         modules = [sys.modules[name] for name in sorted(names) if callable(getattr(sys.modules.get(name), "apply_rotary_pos_emb", None))]
         self.modules: list[ModuleType] = [
             module for module in modules if _reproduces(module.apply_rotary_pos_emb, parameter.dtype, parameter.device)
@@ -99,7 +102,7 @@ class FusedRotary:
         """Within the block, the verified modules' ``apply_rotary_pos_emb`` runs the kernel."""
         originals = [module.apply_rotary_pos_emb for module in self.modules]
         for module, original in zip(self.modules, originals):
-            module.apply_rotary_pos_emb = _fused(original)
+            module.apply_rotary_pos_emb = _fused(original, self.device)
         try:
             yield
         finally:
