@@ -16,6 +16,7 @@ wrong tokens whose attention makes poor scores; along the true trajectory the ra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -100,6 +101,16 @@ GRIDS = {
         "back8ahead1+recent0.5": knobs(8, 1, 0.5),
         "back8ahead1+recent0.75": knobs(8, 1, 0.75),
     },
+    # Does acceptance hinge on particular layers' sparsity? Default pillar selection, but in the
+    # listed layers the draft rows read every cached position ("dense"), or no selected position,
+    # only their tail ("tail_only"). Layer 0's attention is diffuse (~0.2 of its mass captured).
+    "layers": {
+        "pillar": "pillar",
+        "pillar + dense layer 0": dict(policy="pillar", dense=[0]),
+        "pillar + dense layers 0-1": dict(policy="pillar", dense=[0, 1]),
+        "pillar + dense last layer": dict(policy="pillar", dense=[7]),
+        "pillar, layer 0 tail only": dict(policy="pillar", tail_only=[0]),
+    },
     "scores": {
         "pool7+recent0.5": knobs(3, 3, 0.5),
         "pool7+recent0.5+first": knobs(3, 3, 0.5, score_weights="first"),
@@ -149,8 +160,29 @@ def reference_with_score_weights(rule):
     return attention
 
 
+def reference_with_layer_views(dense, tail_only):
+    """The reference attention with draft rows dense in layers ``dense`` and tail-only in ``tail_only``.
+
+    Only the view passed to the reference changes (the engine's own tensors are untouched), and only
+    for the listed layers. Dense: no row counts as a draft, so draft rows attend causally to their
+    whole cache like full rows. Tail only: no slot has selected positions (``visible_positions_mask``
+    reads ``sel_count``), so draft rows see just their positions from ``tail_start`` on: what the
+    last verification committed plus this round's drafts. Selection mass is not recorded for dense
+    layers (no sparse row there): their per-layer entry reads 0.
+    """
+
+    def attention(query, k_pool, v_pool, ctx, layer, scaling):
+        if layer in dense:
+            ctx = dataclasses.replace(ctx, is_draft=torch.zeros_like(ctx.is_draft))
+        elif layer in tail_only:
+            ctx = dataclasses.replace(ctx, sel_count=torch.zeros_like(ctx.sel_count))
+        return reference.reference_attention(query, k_pool, v_pool, ctx, layer, scaling)
+
+    return attention
+
+
 class Candidate:
-    """Swaps the engine's selection (and optionally the score rule) for one run."""
+    """Swaps the engine's selection (and optionally the score rule or per-layer views) for one run."""
 
     def __init__(self, spec) -> None:
         self.spec = spec
@@ -161,6 +193,11 @@ class Candidate:
         self._select = engine_module.select_tokens
         self._attention = interface.reference_attention
         spec = self.spec
+        if isinstance(spec, dict) and "policy" in spec:
+            # The CPU engine calls the reference through interface's name, so that is what is swapped.
+            dense, tail_only = set(spec.get("dense", ())), set(spec.get("tail_only", ()))
+            interface.reference_attention = reference_with_layer_views(dense, tail_only)
+            spec = spec["policy"]
         if isinstance(spec, dict) and "score_weights" in spec:
             spec = dict(spec)
             interface.reference_attention = reference_with_score_weights(spec.pop("score_weights"))
