@@ -242,15 +242,15 @@ class Engine:
             elif row.kind is RowKind.DRAFT:
                 req.drafted += 1
                 self.stats.num_draft_steps += 1
-            elif self.config.speculate:
-                req.waiting = True
-                self.stats.num_verify_steps += 1
             else:
-                # Plain decoding commits exactly one token per row, so the next row's position is
-                # known now and its input token is already on the device: no need to wait.
-                req.num_cached += 1
-                req.in_flight += 1
                 self.stats.num_verify_steps += 1
+                if self.config.speculate:
+                    req.waiting = True
+                else:
+                    # Plain decoding commits exactly one token per row, so the next row's position
+                    # is known now and its input token is already on the device: no need to wait.
+                    req.num_cached += 1
+                    req.in_flight += 1
         result_rows = step.commit_singles + [num_singles + j for j in range(len(step.post["v_slot"]))]
         out = self._results(rows, step, result_rows, results, scores, logits)
         out.described = described
