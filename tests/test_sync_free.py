@@ -87,7 +87,9 @@ def test_launch_has_no_host_reads_outside_the_model(monkeypatch, do_sample):
     assert counter["reads"] == []
 
 
-def test_results_are_absorbed_one_iteration_late(monkeypatch):
+def decode_recording_iterations(monkeypatch) -> list[tuple[str, int]]:
+    """Events of a short speculative decode, in order: ("launch", i), ("absorb", i), and
+    ("nothing to run", -1) when the scheduler found no row to queue."""
     events: list[tuple[str, int]] = []
     original_launch = engine_module.Engine._launch
     original_absorb = engine_module.Engine._absorb
@@ -116,6 +118,11 @@ def test_results_are_absorbed_one_iteration_late(monkeypatch):
     ids = torch.randint(3, 256, (4, 30))
     model.generate(input_ids=ids, max_new_tokens=30, do_sample=False, custom_generate=hf_sparsespec.generate,
                    min_budget=4, draft_len=4)
+    return events
+
+
+def test_results_are_absorbed_one_iteration_late(monkeypatch):
+    events = decode_recording_iterations(monkeypatch)
     assert len([e for e in events if e[0] == "launch"]) > 10
     for position, (kind, i) in enumerate(events):
         if kind == "absorb":
@@ -127,27 +134,8 @@ def test_results_are_absorbed_one_iteration_late(monkeypatch):
 def test_a_slow_device_never_has_more_than_two_iterations_queued(monkeypatch):
     # On a device whose results are never ready early, the host reads iteration N as soon as N + 1
     # is queued, so a request that verified in N can run again in N + 2.
-    events: list[tuple[str, int]] = []
-    original_launch = engine_module.Engine._launch
-    original_absorb = engine_module.Engine._absorb
-
-    def launch(self, rows):
-        results = original_launch(self, rows)
-        results.iteration = len([e for e in events if e[0] == "launch"])
-        events.append(("launch", results.iteration))
-        return results
-
-    def absorb(self, results):
-        events.append(("absorb", results.iteration))
-        return original_absorb(self, results)
-
-    monkeypatch.setattr(engine_module.Engine, "_launch", launch)
-    monkeypatch.setattr(engine_module.Engine, "_absorb", absorb)
     monkeypatch.setattr(engine_module.StepResults, "ready", lambda self: False)
-    model = tiny_model("llama")
-    ids = torch.randint(3, 256, (4, 30))
-    model.generate(input_ids=ids, max_new_tokens=30, do_sample=False, custom_generate=hf_sparsespec.generate,
-                   min_budget=4, draft_len=4)
+    events = decode_recording_iterations(monkeypatch)
     launched = [i for kind, i in events if kind == "launch"]
     assert len(launched) > 10
     absorbed_before = set()
