@@ -36,6 +36,10 @@ ENGINE_METHODS = {
     "nospec": dict(speculate=False),
     "window": dict(selection="window"),
     "sparsespec": dict(),
+    # Scheduler variants of sparsespec, measured to choose the defaults (not in the default run).
+    "sparsespec_lockstep": dict(unified_schedule=False),
+    "sparsespec_2groups": dict(verify_groups=2),
+    "sparsespec_3groups": dict(verify_groups=3),
 }
 
 
@@ -79,7 +83,7 @@ class StepTimer:
                 continue
             ms = sorted(t for t, _ in times)[len(times) // 2]
             floor_ms = (weight_bytes + sorted(kv for _, kv in times)[len(times) // 2] * bytes_per_token) / HBM_BYTES_PER_S * 1e3
-            out[kind] = {"median_ms": ms, "floor_ms": floor_ms, "steps": len(times)}
+            out[kind] = {"median_ms": ms, "floor_ms": floor_ms, "steps": len(times), "total_ms": sum(t for t, _ in times)}
         return out
 
 
@@ -159,6 +163,7 @@ def measure(model, tag: str, ids: torch.Tensor, method: str, new_tokens: int, sa
         "verify_floor_ms": steps.get("verify", {}).get("floor_ms"),
         # >1 means faster than plain decoding could ever be at this memory bandwidth.
         "floor_ratio": floor_s / decode_s,
+        "steps": {kind: steps[kind] for kind in ("draft", "verify", "mixed") if kind in steps},
         "note": note,
     }
     print(json.dumps(row), flush=True)

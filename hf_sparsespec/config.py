@@ -32,6 +32,10 @@ class SparseSpecConfig:
         prefill_chunk: prompt tokens processed per forward for one request.
         unified_schedule: stagger requests over draft phases so every forward mixes draft and
             verification rows of different requests (the paper's unified scheduler).
+        verify_groups: with ``unified_schedule``, how many evenly spaced draft phases requests are
+            spread over. ``None`` uses all ``draft_len + 1``, the most even load per forward; fewer
+            groups verify more requests per forward and so pay each verification step's fixed costs
+            (sampling, selection) less often, which pays off where those costs rival the KV reads.
         delayed_verification: let requests that just verified sit out one iteration, so their results
             travel to the host while the others keep the accelerator busy.
         offload: move whole requests' KV to host memory when the pool runs out, instead of failing.
@@ -57,6 +61,7 @@ class SparseSpecConfig:
     max_batch_size: int = 128
     prefill_chunk: int = 4096
     unified_schedule: bool = True
+    verify_groups: int | None = None
     delayed_verification: bool = True
     offload: bool = True
     use_triton: bool | None = None
@@ -80,8 +85,9 @@ class SparseSpecConfig:
             )
         if self.selection not in SELECTION_POLICIES:
             raise ValueError(f"`selection` must be one of {SELECTION_POLICIES}, got {self.selection!r}.")
-        if self.kv_pool_tokens is not None:
-            positive_int("kv_pool_tokens")
+        for name in ("kv_pool_tokens", "verify_groups"):
+            if getattr(self, name) is not None:
+                positive_int(name)
         if not 0.0 < self.kv_memory_fraction < 1.0:
             raise ValueError(f"`kv_memory_fraction` must be in (0, 1), got {self.kv_memory_fraction!r}.")
 

@@ -64,6 +64,7 @@ BAD_VALUES = [
     ("max_batch_size", 0),
     ("prefill_chunk", 0),
     ("kv_pool_tokens", 0),
+    ("verify_groups", 0),
     ("kv_memory_fraction", 1.5),
 ]
 

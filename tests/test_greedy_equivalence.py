@@ -87,6 +87,7 @@ def test_bench_model_on_code(bench_model, bench_tokenizer, draft_len):
 ENGINE_VARIANTS = {
     "no speculation": dict(speculate=False),
     "plain schedule": dict(unified_schedule=False),
+    "two verification groups": dict(verify_groups=2),
     "no delayed verification": dict(delayed_verification=False),
     "neither scheduler feature": dict(unified_schedule=False, delayed_verification=False),
     "page size 1": dict(page_size=1),

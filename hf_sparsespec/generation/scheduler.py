@@ -56,9 +56,14 @@ class Scheduler:
         longest = min(self.config.draft_len, request.remaining - 1) if self.config.speculate else 0
         length = longest
         if first and self.config.unified_schedule and longest > 0:
-            # Stagger: join the least crowded "iterations until verification" bucket (ties: more drafts).
+            # Stagger: join the least crowded "iterations until verification" bucket among the groups'
+            # evenly spaced ones (ties: more drafts). Every later round has the same length, so the
+            # request keeps its group.
+            phases = longest + 1
+            groups = min(self.config.verify_groups or phases, phases)
+            choices = sorted({longest - i * phases // groups for i in range(groups)}, reverse=True)
             load = Counter(r.round_len - r.drafted for r in self.active if r is not request and r.prefill_done)
-            length = min(range(longest, -1, -1), key=lambda v: load[v])
+            length = min(choices, key=lambda v: load[v])
         request.round_len, request.drafted = length, 0
 
     # ---- planning ----------------------------------------------------------------------------

@@ -51,6 +51,7 @@ def generate(
     max_batch_size: int | None = None,
     prefill_chunk: int | None = None,
     unified_schedule: bool | None = None,
+    verify_groups: int | None = None,
     delayed_verification: bool | None = None,
     offload: bool | None = None,
     use_triton: bool | None = None,
