@@ -40,6 +40,8 @@ ENGINE_METHODS = {
     "sparsespec_lockstep": dict(unified_schedule=False),
     "sparsespec_2groups": dict(verify_groups=2),
     "sparsespec_3groups": dict(verify_groups=3),
+    "sparsespec_adaptive": dict(adaptive_draft=True),
+    "sparsespec_adaptive_2groups": dict(adaptive_draft=True, verify_groups=2),
 }
 
 
@@ -156,6 +158,7 @@ def measure(model, tag: str, ids: torch.Tensor, method: str, new_tokens: int, sa
         "method": method,
         "tokens_per_s": tokens / decode_s,
         "mean_accepted": stats["mean_accepted"] if stats and method != "nospec" else None,
+        "mean_draft_len": stats["mean_draft_len"] if stats and method != "nospec" else None,
         "ms_per_draft_step": steps.get("draft", {}).get("median_ms"),
         "ms_per_verify_step": steps.get("verify", {}).get("median_ms"),
         "ms_per_mixed_step": steps.get("mixed", {}).get("median_ms"),
@@ -248,7 +251,7 @@ def write_tables(rows: list, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = "throughput" if any(r["model"] == "bench-code-lm" for r in rows) else "throughput_qwen8b"
     (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
-    cols = ["model", "batch", "prompt_len", "new_tokens", "method", "tokens_per_s", "mean_accepted",
+    cols = ["model", "batch", "prompt_len", "new_tokens", "method", "tokens_per_s", "mean_accepted", "mean_draft_len",
             "ms_per_draft_step", "ms_per_verify_step", "ms_per_mixed_step", "floor_ratio", "note"]
 
     def fmt(v):

@@ -15,7 +15,10 @@ class SparseSpecConfig:
     Every field can be passed to ``model.generate(..., custom_generate="sparsespec")`` as a keyword.
 
     Args:
-        draft_len: tokens drafted with sparse attention before each full-attention verification (k).
+        draft_len: tokens drafted with sparse attention before each full-attention verification (k);
+            with ``adaptive_draft``, the most a round drafts.
+        adaptive_draft: let each request draft as many tokens per round (1 to ``draft_len``) as its
+            recent acceptance pays for: short rounds where drafts are often rejected.
         budget_ratio: fraction of a request's context the draft attends to, besides the recent tail.
         min_budget: the draft attends to at least this many selected tokens.
         max_budget: and to at most this many.
@@ -50,6 +53,7 @@ class SparseSpecConfig:
     """
 
     draft_len: int = 8
+    adaptive_draft: bool = False
     budget_ratio: float = 0.05
     min_budget: int = 128
     max_budget: int = 6144

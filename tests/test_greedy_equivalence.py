@@ -97,6 +97,7 @@ ENGINE_VARIANTS = {
     "paper selection": dict(selection="paper"),
     "window selection": dict(selection="window"),
     "one draft per round": dict(draft_len=1),
+    "adaptive draft length": dict(adaptive_draft=True),
     "budget from the ratio": dict(min_budget=1, budget_ratio=0.2),
 }
 

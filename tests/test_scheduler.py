@@ -1,4 +1,4 @@
-"""How the unified scheduler spreads verification rows over iterations."""
+"""How the scheduler spreads verification rows over iterations and sizes each request's rounds."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 
 import hf_sparsespec
 from hf_sparsespec.generation import engine as engine_module
+from hf_sparsespec.generation.draft_length import AcceptanceEstimate, best_draft_len, expected_tokens
 from hf_sparsespec.generation.request import RowKind
 from conftest import tiny_model
 
@@ -30,7 +31,7 @@ def verification_phases(monkeypatch, **options) -> set[int]:
     model = tiny_model("llama")
     ids = torch.randint(3, 256, (12, 20))
     model.generate(input_ids=ids, max_new_tokens=48, do_sample=False, custom_generate=hf_sparsespec.generate,
-                   min_budget=4, draft_len=DRAFT_LEN, **options)
+                   min_budget=4, draft_len=DRAFT_LEN, adaptive_draft=False, **options)
     # A round is k drafts, one verification and one iteration sat out while its result travels,
     # unless every request is waiting for one: then nothing is launched meanwhile.
     gaps = {b - a for steps in verifies.values() for a, b in zip(steps[:3], steps[1:3])}
@@ -48,3 +49,31 @@ def verification_phases(monkeypatch, **options) -> set[int]:
 ])
 def test_verifications_spread_over_the_requested_groups(monkeypatch, options, phases):
     assert len(verification_phases(monkeypatch, **options)) == phases
+
+
+def test_acceptance_estimate_counts_only_checked_drafts():
+    estimate = AcceptanceEstimate(accepted=0.0, checked=0.0)
+    estimate.observe(accepted=3, drafted=8)  # 3 right, the 4th wrong, 5-8 never checked
+    assert estimate.rate == pytest.approx(3 / 4)
+    estimate.observe(accepted=8, drafted=8)  # all right: no rejection counted
+    assert estimate.rate == pytest.approx((0.7 * 3 + 8) / (0.7 * 4 + 8))
+    estimate.observe(accepted=0, drafted=0)  # a round without drafts tells nothing
+    assert estimate.rate == pytest.approx((0.7 * 3 + 8) / (0.7 * 4 + 8))
+
+
+def test_draft_length_grows_with_acceptance():
+    lengths = [best_draft_len(rate, 16) for rate in (0.0, 0.3, 0.6, 0.8, 0.9, 0.95, 0.99, 1.0)]
+    assert lengths == sorted(lengths) and lengths[0] == 1 and lengths[-1] == 16
+    assert best_draft_len(0.99, 5) == 5 and best_draft_len(0.9, 0) == 0
+    assert expected_tokens(3, 0.5) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+
+
+def test_adaptive_rounds_are_short_where_drafts_fail_and_long_where_they_hold(bench_model, bench_tokenizer):
+    # A random model's drafts are mostly rejected; the trained model's mostly accepted.
+    ids = torch.randint(3, 256, (2, 24))
+    options = dict(max_new_tokens=48, do_sample=False, custom_generate=hf_sparsespec.generate,
+                   draft_len=8, adaptive_draft=True, return_dict_in_generate=True)
+    random_stats = tiny_model("llama").generate(input_ids=ids, min_budget=4, **options).spec_stats
+    code = bench_tokenizer(["def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n"], return_tensors="pt")
+    trained_stats = bench_model.generate(**code, **{**options, "max_new_tokens": 96}).spec_stats
+    assert random_stats["mean_draft_len"] < 3 < trained_stats["mean_draft_len"], (random_stats, trained_stats)

@@ -53,6 +53,7 @@ class SpecStats:
         return {
             "mean_accepted": self.num_drafts_accepted / verified_rounds,
             "acceptance_rate": self.num_drafts_accepted / max(self.num_drafts_verified, 1),
+            "mean_draft_len": self.num_drafts_verified / verified_rounds,
             "num_draft_steps": self.num_draft_steps,
             "num_verify_steps": self.num_verify_steps,
             "num_forward_passes": self.num_forward_passes,
@@ -399,6 +400,7 @@ class Engine:
             if row.kind is RowKind.VERIFY:
                 self.stats.num_drafts_verified += req.round_len
                 self.stats.num_drafts_accepted += m
+                req.acceptance.observe(m, req.round_len)
             if req.finished:
                 continue
             if row.kind is RowKind.VERIFY and not self.config.speculate:

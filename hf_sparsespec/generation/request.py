@@ -8,6 +8,7 @@ from enum import Enum
 import torch
 
 from ..cache.paged_cache import HostKV
+from .draft_length import AcceptanceEstimate
 
 
 class RowKind(Enum):
@@ -40,6 +41,7 @@ class Request:
     # Plain decoding (speculate=False) does not wait: its next row reads the sampled token on the
     # device, and this counts the tokens sampled there that the host has not read yet.
     in_flight: int = 0
+    acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)  # of its recent rounds
     finished: bool = False
     offloaded: HostKV | None = None
     scores: list[torch.Tensor] = field(default_factory=list)  # processed scores per generated token, if asked

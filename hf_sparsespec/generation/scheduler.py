@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..cache.paged_cache import OutOfPages, PagedKVCache
 from ..config import SparseSpecConfig
+from .draft_length import best_draft_len
 from .request import Request, RowKind
 
 
@@ -54,6 +55,8 @@ class Scheduler:
     def start_round(self, request: Request, first: bool) -> None:
         """Set the number of drafts before the request's next verification."""
         longest = min(self.config.draft_len, request.remaining - 1) if self.config.speculate else 0
+        if self.config.adaptive_draft:
+            longest = best_draft_len(request.acceptance.rate, longest)
         length = longest
         if first and self.config.unified_schedule and longest > 0:
             # Stagger: join the least crowded "iterations until verification" bucket among the groups'

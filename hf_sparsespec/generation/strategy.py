@@ -40,6 +40,7 @@ def generate(
     stopping_criteria: list | None = None,
     generation_config: Any = None,
     draft_len: int | None = None,
+    adaptive_draft: bool | None = None,
     budget_ratio: float | None = None,
     min_budget: int | None = None,
     max_budget: int | None = None,
