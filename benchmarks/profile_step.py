@@ -1,6 +1,7 @@
 """Where a decode iteration's device time goes: a kernel table of decode steps only.
 
     PYTHONPATH=. python3 benchmarks/profile_step.py --out $OUT --batch 128 --context 16384
+    PYTHONPATH=. python3 benchmarks/profile_step.py --out $OUT --qwen8b --batch 32 --context 8192 --new-tokens 32 --steps 18
 
 One generate call captures the graphs; a second runs under ``torch.profiler``, switched on at the
 first iteration without prompt rows and off after ``--steps`` iterations, so prefill kernels stay
@@ -21,7 +22,7 @@ import hf_sparsespec
 from hf_sparsespec.generation import engine as engine_module
 from hf_sparsespec.generation.request import RowKind
 
-from benchmarks.throughput import BENCH_MODEL, prompts_for
+from benchmarks.throughput import BENCH_MODEL, prompts_for, random_qwen3_8b
 
 
 def profiled_generate(model, ids, new_tokens: int, steps: int, extra: dict) -> tuple[profile, dict]:
@@ -73,13 +74,22 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=160)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--speculate", type=int, default=1)
+    p.add_argument("--qwen8b", action="store_true",
+                   help="the Qwen3-8B-shaped random model, in lockstep rounds (steps are pure draft or verify)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    model = AutoModelForCausalLM.from_pretrained(BENCH_MODEL, dtype=torch.bfloat16).cuda().eval()
-    tok = AutoTokenizer.from_pretrained(BENCH_MODEL)
-    ids = prompts_for(tok, args.batch, args.context - args.new_tokens, seed=args.batch).cuda()
-    tag = f"b{args.batch}_{args.context}_{'sparsespec' if args.speculate else 'nospec'}"
-    for extra in (dict(speculate=bool(args.speculate)), dict(speculate=bool(args.speculate), use_cuda_graphs=False)):
+    options = dict(speculate=bool(args.speculate))
+    if args.qwen8b:
+        model = random_qwen3_8b("cuda")
+        ids = torch.randint(1000, 100000, (args.batch, args.context - args.new_tokens), device="cuda")
+        options.update(unified_schedule=False, delayed_verification=False, kv_memory_fraction=0.9)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(BENCH_MODEL, dtype=torch.bfloat16).cuda().eval()
+        tok = AutoTokenizer.from_pretrained(BENCH_MODEL)
+        ids = prompts_for(tok, args.batch, args.context - args.new_tokens, seed=args.batch).cuda()
+    model_tag = "qwen8b_" if args.qwen8b else ""
+    tag = f"{model_tag}b{args.batch}_{args.context}_{'sparsespec' if args.speculate else 'nospec'}"
+    for extra in (options, dict(options, use_cuda_graphs=False)):
         generate(model, ids, args.new_tokens, extra)  # Triton compiles and graph captures
         prof, state = profiled_generate(model, ids, args.new_tokens, args.steps, extra)
         events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA or e.self_device_time_total > 0]
