@@ -392,6 +392,42 @@ def timings(results: dict) -> None:
         save(results)
 
 
+def verify_sweep(results: dict) -> None:
+    """Tile shapes for verification rows (``--only verify-sweep``). With 16-row tiles a 9-query row
+    of Qwen3-8B's group of 4 spans three tiles, each reading the row's whole KV; bigger tiles read
+    it once but fit fewer programs per SM. Every variant's output is checked against the default's."""
+    gen = torch.Generator().manual_seed(3)
+    q, bf = "qwen3-8b", torch.bfloat16
+    unified = ["verify"] * 14 + ["draft"] * 114
+    contexts = torch.randint(2000, 16384, (128,), generator=gen).tolist()
+    cases = [
+        ("verify b32 8k", lambda: build(q, bf, 16, decode_rows(["verify"] * 32, [8192] * 32), graph_like=True, tokens=288)),
+        ("verify b1 16k", lambda: build(q, bf, 16, decode_rows(["verify"], [16384]), graph_like=True, tokens=16)),
+        ("unified b128 2-16k", lambda: build(q, bf, 16, decode_rows(unified, contexts), graph_like=True, tokens=256)),
+        ("unified b128 bench-shape", lambda: build("bench", bf, 16, decode_rows(unified, contexts), graph_like=True, tokens=256)),
+    ]
+    variants = [dict(block_m=m, num_stages=st) for m in (16, 32, 64) for st in (2, 3, 4)]
+    for label, make in cases:
+        batch = make()
+        want, want_scores = (t.clone() if t is not None else None for t in run_attention(batch))
+        for overrides in variants:
+            name = f"{label} block_m={overrides['block_m']} stages={overrides['num_stages']}"
+            if time.monotonic() - START > TIME_BUDGET_S:
+                results["skipped"].append(name)
+                continue
+            try:
+                got, got_scores = run_attention(batch, **overrides)
+                real = batch.real
+                same = bool(torch.allclose(got[0, real].float(), want[0, real].float(), atol=2e-2, rtol=0)) and (
+                    want_scores is None or bool(torch.allclose(got_scores, want_scores, atol=1e-5, rtol=1e-3, equal_nan=True)))
+                timing(results, name, batch, "matches default" if same else "MISMATCH", **overrides)
+            except Exception:
+                results["timing"][name] = {"error": traceback.format_exc(limit=4)}
+                print(f"[error] {name}: {results['timing'][name]['error'][-300:]}", flush=True)
+            save(results)
+        batch = None
+
+
 def write_kv_timing(results: dict) -> None:
     hkv, d = SHAPES["qwen3-8b"][1:]
     for tokens in (256, 4096):
@@ -466,15 +502,19 @@ def table(results: dict) -> None:
 
 
 def main() -> None:
-    global OUT_FILE
+    global OUT_FILE, TIME_BUDGET_S
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--only", choices=["verify-sweep"], help="run one section instead of the whole check")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     OUT_FILE = args.out / "kernels_check.json"
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "correctness": {}, "write_kv": {}, "timing": {}, "selection": {}, "skipped": []}
     sections = [correctness, graph_capture, write_kv_timing, copy_bandwidth, timings, selection_timing]
+    if args.only == "verify-sweep":
+        sections = [verify_sweep]
+        TIME_BUDGET_S = 420  # 36 variants, each compiled once
     for section in sections:
         try:
             section(results)

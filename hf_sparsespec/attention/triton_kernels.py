@@ -458,6 +458,8 @@ def paged_attention(
     block_n: int | None = None,
     target_items: int | None = None,
     split_tokens: int | None = None,
+    num_stages: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """PillarAttn over the paged pool for a packed batch of full and draft rows; (1, T, Hq, D).
 
@@ -471,10 +473,10 @@ def paged_attention(
         ctx: the step's metadata; ``ctx.max_kv_len`` must bound every ``kv_len``.
         layer: index into ``ctx.selection`` and ``ctx.scores``.
         scale: softmax scale applied to Q K^T.
-        block_m, block_n, target_items, split_tokens: tuning overrides for benchmarks and tests
-            (query-tile rows, KV block, items the split sizing aims at, a fixed number of KV
-            positions per split); by default chosen from the shapes and, for the split size,
-            from the step's work on the device.
+        block_m, block_n, target_items, split_tokens, num_stages, num_warps: tuning overrides for
+            benchmarks and tests (query-tile rows, KV block, items the split sizing aims at, a fixed
+            number of KV positions per split, the attention kernel's pipeline stages and warps); by
+            default chosen from the shapes and, for the split size, from the step's work on the device.
     """
     _, num_q_heads, num_tokens, head_dim = query.shape
     num_rows = ctx.q_len.shape[0]
@@ -492,7 +494,7 @@ def paged_attention(
     block_n = block_n or tiles.block_n
     qpt = block_m // group
     # A 64 x D fp32 accumulator over 4 warps spills at D=128.
-    warps = 8 if block_m * d_pad >= 64 * 128 else 4
+    warps = num_warps or (8 if block_m * d_pad >= 64 * 128 else 4)
     selection = _last_dim_contiguous(ctx.selection[:, layer])  # [S, H, K]
     sel_width = selection.shape[-1]
 
@@ -537,7 +539,7 @@ def paged_attention(
         *plan, qk_scale,
         q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         out.stride(1), out.stride(2), block_tables.stride(0), selection.stride(0), selection.stride(1),
-        **shared, WRITE_LSE=write_scores, num_warps=warps, num_stages=2,
+        **shared, WRITE_LSE=write_scores, num_warps=warps, num_stages=num_stages or 2,
     )
     if may_split or write_scores:
         scores = ctx.scores[:, layer] if write_scores else out  # [V, H, width]
