@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .upload import pack
+from .upload import pack_padded
 
 StepFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, ...]]
 
@@ -33,11 +33,7 @@ class StepGraphs:
         if key not in self._graphs:
             self._capture(key, list(arrays), sizes, fn)
         graph, meta, outputs = self._graphs[key]
-        padded = {
-            name: np.pad(np.asarray(values, np.int64), (0, sizes[name] - len(values)), constant_values=self.padding[name])
-            for name, values in arrays.items()
-        }
-        meta.copy_(pack(padded, self.device), non_blocking=True)
+        meta.copy_(pack_padded(arrays, sizes, self.padding, self.device), non_blocking=True)
         graph.replay()
         return outputs
 

@@ -19,6 +19,21 @@ def pack(arrays: dict[str, np.ndarray | list[int]], device: torch.device) -> tor
     return host.pin_memory() if device.type == "cuda" else host
 
 
+def pack_padded(arrays: dict[str, np.ndarray | list[int]], sizes: dict[str, int], padding: dict[str, int],
+                device: torch.device) -> torch.Tensor:
+    """Like ``pack``, each array first padded to ``sizes[name]`` with ``padding[name]``. Written into
+    one buffer: a ``np.pad`` per array cost ~8 us each, ~200 us per step on a busy host."""
+    host = np.empty(sum(sizes[name] for name in arrays), np.int64)
+    start = 0
+    for name, values in arrays.items():
+        n, size = len(values), sizes[name]
+        host[start : start + n] = values
+        host[start + n : start + size] = padding[name]
+        start += size
+    tensor = torch.from_numpy(host)
+    return tensor.pin_memory() if device.type == "cuda" else tensor
+
+
 def upload(arrays: dict[str, np.ndarray | list[int]], device: torch.device) -> dict[str, torch.Tensor]:
     """int64 device views, one per named list, from one host buffer."""
     on_device = pack(arrays, device).to(device, non_blocking=True)
