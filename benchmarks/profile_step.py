@@ -3,9 +3,10 @@
     PYTHONPATH=. python3 benchmarks/profile_step.py --out $OUT --batch 128 --context 16384
     PYTHONPATH=. python3 benchmarks/profile_step.py --out $OUT --qwen8b --batch 32 --context 8192 --new-tokens 32 --steps 18
 
-One generate call captures the graphs; a second runs under ``torch.profiler``, switched on at the
-first iteration without prompt rows and off after ``--steps`` iterations, so prefill kernels stay
-out of the table. Kernels replayed inside CUDA graphs are traced by CUPTI like launched ones; if a
+One generate call captures the graphs; a second runs under ``torch.profiler``, switched on for
+each of the first ``--steps`` iterations without prompt rows (only those whose rows are of
+``--kind``, e.g. ``verify``, if given), so prefill kernels stay out of the table. Kernels
+replayed inside CUDA graphs are traced by CUPTI like launched ones; if a
 run shows none (older drivers), the script profiles again with ``use_cuda_graphs=False``.
 """
 
@@ -25,34 +26,32 @@ from hf_sparsespec.generation.request import RowKind
 from benchmarks.throughput import BENCH_MODEL, prompts_for, random_qwen3_8b
 
 
-def profiled_generate(model, ids, new_tokens: int, steps: int, extra: dict) -> tuple[profile, dict]:
-    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+def profiled_generate(model, ids, new_tokens: int, steps: int, extra: dict, kind: str | None) -> tuple[profile, dict]:
+    """Profile up to ``steps`` decode iterations (of rows ``kind``, e.g. "verify" or "draft+verify",
+    if given), each on its own: synchronised before and after, so the table holds their kernels alone."""
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], acc_events=True)
     original = engine_module.Engine._launch
     state = {"seen": 0, "kinds": {}}
 
     def launch(engine, rows):
+        kinds = "+".join(sorted({row.kind.value for row in rows}))
         decoding = not any(row.kind is RowKind.PREFILL for row in rows)
-        if decoding and state["seen"] == 0:
-            torch.cuda.synchronize()
-            prof.start()
-        if decoding and state["seen"] < steps:
-            state["seen"] += 1
-            kinds = "+".join(sorted({row.kind.value for row in rows}))
-            state["kinds"][kinds] = state["kinds"].get(kinds, 0) + 1
-            out = original(engine, rows)
-            if state["seen"] == steps:
-                torch.cuda.synchronize()
-                prof.stop()
-            return out
-        return original(engine, rows)
+        if not decoding or state["seen"] >= steps or (kind is not None and kinds != kind):
+            return original(engine, rows)
+        state["seen"] += 1
+        state["kinds"][kinds] = state["kinds"].get(kinds, 0) + 1
+        torch.cuda.synchronize()
+        prof.start()
+        out = original(engine, rows)
+        torch.cuda.synchronize()
+        prof.stop()
+        return out
 
     engine_module.Engine._launch = launch
     try:
         generate(model, ids, new_tokens, extra)
     finally:
         engine_module.Engine._launch = original
-    if state["seen"] < steps:
-        prof.stop()
     return prof, state
 
 
@@ -74,6 +73,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=160)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--speculate", type=int, default=1)
+    p.add_argument("--kind", help='profile only iterations whose rows are of this kind: "draft", "verify", "draft+verify"')
     p.add_argument("--qwen8b", action="store_true",
                    help="the Qwen3-8B-shaped random model, in lockstep rounds (steps are pure draft or verify)")
     args = p.parse_args()
@@ -88,10 +88,14 @@ def main() -> None:
         tok = AutoTokenizer.from_pretrained(BENCH_MODEL)
         ids = prompts_for(tok, args.batch, args.context - args.new_tokens, seed=args.batch).cuda()
     model_tag = "qwen8b_" if args.qwen8b else ""
-    tag = f"{model_tag}b{args.batch}_{args.context}_{'sparsespec' if args.speculate else 'nospec'}"
+    kind_tag = f"_{args.kind.replace('+', '_')}" if args.kind else ""
+    tag = f"{model_tag}b{args.batch}_{args.context}_{'sparsespec' if args.speculate else 'nospec'}{kind_tag}"
     for extra in (options, dict(options, use_cuda_graphs=False)):
         generate(model, ids, args.new_tokens, extra)  # Triton compiles and graph captures
-        prof, state = profiled_generate(model, ids, args.new_tokens, args.steps, extra)
+        prof, state = profiled_generate(model, ids, args.new_tokens, args.steps, extra, args.kind)
+        if state["seen"] == 0:
+            print(f"{tag}: no decode iteration of kind {args.kind!r}", flush=True)
+            break
         events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA or e.self_device_time_total > 0]
         kernels = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)
         total_us = sum(e.self_device_time_total for e in kernels)
