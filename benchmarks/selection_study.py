@@ -37,8 +37,8 @@ from hf_sparsespec.generation import engine as engine_module  # noqa: E402
 BENCH_MODEL = ROOT / "hf_sparsespec" / "models" / "bench-code-lm"
 
 
-def knobs(back, ahead, recent, sinks=0, **extra):
-    return dict(lookback=back, lookahead=ahead, recent_fraction=recent, sinks=sinks, **extra)
+def knobs(back, ahead, recent, sinks=0, block=1, **extra):
+    return dict(lookback=back, lookahead=ahead, recent_fraction=recent, sinks=sinks, block=block, **extra)
 
 
 GRIDS = {
@@ -111,6 +111,18 @@ GRIDS = {
         "pillar + dense last layer": dict(policy="pillar", dense=[7]),
         "pillar, layer 0 tail only": dict(policy="pillar", tail_only=[0]),
     },
+    # Block-granular scores (pillar_priority's ``block``): each position scores its aligned block's attention mass. A kernel can
+    # compute block masses inside the attention pass (per query, the block's log-sum-exp; combined
+    # with the row's final log-sum-exp afterwards) instead of re-reading K in a score pass, and
+    # Top-K over blocks is 16x smaller. Worth building only if acceptance holds up.
+    "block": {
+        "window": "window",
+        "pillar": knobs(8, 1, 0.5),
+        "block16": knobs(0, 0, 0.5, block=16),
+        "block16+pool": knobs(8, 1, 0.5, block=16),
+        "block8": knobs(0, 0, 0.5, block=8),
+        "block16+prev": knobs(0, 0, 0.5, block_lookback=(16, 1)),
+    },
     "scores": {
         "pool7+recent0.5": knobs(3, 3, 0.5),
         "pool7+recent0.5+first": knobs(3, 3, 0.5, score_weights="first"),
@@ -119,6 +131,15 @@ GRIDS = {
         "paper+first": dict(paper=True, score_weights="first"),
     },
 }
+
+
+def best_block_of_last(scores: torch.Tensor, block: int, lookback: int) -> torch.Tensor:
+    """Each position scored by the largest block mass among its block and the ``lookback`` before it."""
+    n = scores.shape[-1]
+    masses = sel.block_masses(scores, block)
+    flat = torch.nn.functional.pad(masses.flatten(0, -2).unsqueeze(1), (lookback, 0), value=float("-inf"))
+    best = torch.nn.functional.max_pool1d(flat, lookback + 1, stride=1).view_as(masses)
+    return best.repeat_interleave(block, dim=-1)[..., :n]
 
 
 def query_weights(rule, n: int) -> torch.Tensor:
@@ -206,6 +227,7 @@ class Candidate:
         if isinstance(spec, dict):
             spec = dict(spec)
         decay = spec.pop("accumulate", None) if isinstance(spec, dict) else None
+        block_lookback = spec.pop("block_lookback", None) if isinstance(spec, dict) else None
         if decay is not None:
             self._verify = engine_module.Engine._verify
             memory: dict[int, torch.Tensor] = {}  # slot -> [L, H, N] remembered scores
@@ -234,6 +256,8 @@ class Candidate:
             def select(scores, old_len, count, policy, width):
                 if remember is not None:
                     scores = remember(scores)
+                if block_lookback is not None:
+                    scores = best_block_of_last(scores, *block_lookback)
                 return sel.top_positions(sel.pillar_priority(scores, old_len, count, **spec), count, width)
 
             engine_module.select_tokens = select

@@ -75,14 +75,23 @@ def test_every_policy_selects_count_distinct_candidates(policy):
 
 
 def test_pillar_keeps_its_recent_share_and_pools_neighbours():
-    n, old, count = 200, 200, 40
+    n, old, count = 200, 200, 80
     scores = torch.full((1, 1, 1, n), 1e-4)
     scores[..., 50] = 1.0  # one strong pillar far from the tail
     chosen = valid(sel.select_tokens(scores, torch.tensor([old]), torch.tensor([count]), "pillar", width=count), 0, 0, 0)
     recent = math.floor(count * sel.PILLAR_RECENT_FRACTION)
     assert set(range(old - recent, old)) <= set(chosen)
-    # Positions up to PILLAR_LOOKBACK after the pillar and PILLAR_LOOKAHEAD before it inherit its score.
-    assert set(range(50 - sel.PILLAR_LOOKAHEAD, 50 + sel.PILLAR_LOOKBACK + 1)) <= set(chosen)
+    # The pillar's block scores its mass, and the pooling passes that score on to the positions up
+    # to PILLAR_LOOKBACK after the block and PILLAR_LOOKAHEAD before it.
+    first = 50 // sel.PILLAR_BLOCK * sel.PILLAR_BLOCK
+    last = first + sel.PILLAR_BLOCK - 1
+    assert set(range(first - sel.PILLAR_LOOKAHEAD, last + sel.PILLAR_LOOKBACK + 1)) <= set(chosen)
+
+
+def test_block_masses_sum_aligned_blocks():
+    scores = torch.arange(10.0).view(1, 1, 1, 10)
+    assert sel.block_masses(scores, 4).flatten().tolist() == [6.0, 22.0, 17.0]  # the last block is partial
+    assert torch.equal(sel.block_masses(scores, 1), scores)
 
 
 def test_positions_at_or_past_old_len_are_never_selected_even_when_they_score_high():
@@ -145,5 +154,5 @@ def test_docs_state_the_default_pillar_knobs():
     # selection.py points to docs/selection.md for the measurements behind these knobs; a change of
     # a knob has to come with the page (and the data) that justifies it.
     text = (Path(__file__).resolve().parents[1] / "docs" / "selection.md").read_text()
-    for name in ("PILLAR_LOOKBACK", "PILLAR_LOOKAHEAD", "PILLAR_RECENT_FRACTION", "PILLAR_SINKS"):
+    for name in ("PILLAR_LOOKBACK", "PILLAR_LOOKAHEAD", "PILLAR_RECENT_FRACTION", "PILLAR_SINKS", "PILLAR_BLOCK"):
         assert f"{name} = {getattr(sel, name)}" in text, name

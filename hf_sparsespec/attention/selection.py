@@ -24,6 +24,16 @@ PILLAR_LOOKBACK = 8
 PILLAR_LOOKAHEAD = 1
 PILLAR_RECENT_FRACTION = 0.5  # "pillar": share of the budget given to the most recent positions
 PILLAR_SINKS = 0  # "pillar": forced leading positions; pooled scores pick the sinks anyway
+# "pillar": positions are scored by the attention mass of their aligned block of this many
+# positions, before the pooling. Block masses did at least as well as single positions (screen in
+# docs/selection.md), and a kernel can sum them during the attention pass itself.
+PILLAR_BLOCK = 1
+
+
+def block_masses(scores: torch.Tensor, block: int) -> torch.Tensor:
+    """Sums of ``scores`` over aligned blocks of ``block`` positions: [..., ceil(N / block)]."""
+    n = scores.shape[-1]
+    return F.pad(scores, (0, (-n) % block)).unflatten(-1, (-1, block)).sum(-1)
 
 
 def pillar_priority(
@@ -34,8 +44,9 @@ def pillar_priority(
     lookahead: int = PILLAR_LOOKAHEAD,
     recent_fraction: float = PILLAR_RECENT_FRACTION,
     sinks: int = PILLAR_SINKS,
+    block: int = PILLAR_BLOCK,
 ) -> torch.Tensor:
-    """Max-pooled scores, with the newest ``recent_fraction`` of the budget and ``sinks`` forced in.
+    """Block masses, max-pooled, with the newest ``recent_fraction`` of the budget and ``sinks`` forced in.
 
     Pooling rewards the neighbours of a high-scoring token: a draft that copies a span needs the
     tokens after the one the verification looked at (an induction head moves one position per
@@ -44,6 +55,8 @@ def pillar_priority(
     n = scores.shape[-1]
     positions = torch.arange(n, device=scores.device)
     candidate = positions[None, :] < old_len[:, None]  # [V, N]
+    if block > 1:
+        scores = block_masses(scores, block).repeat_interleave(block, dim=-1)[..., :n]
     if lookback or lookahead:
         flat = F.pad(scores.flatten(0, 2).unsqueeze(1), (lookback, lookahead), value=float("-inf"))
         priority = F.max_pool1d(flat, lookback + lookahead + 1, stride=1).view_as(scores)
