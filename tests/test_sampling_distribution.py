@@ -63,11 +63,11 @@ def hf_samples(model, prompt, warpers: dict, count: int, seed: int) -> np.ndarra
     return out[:, PROMPT_LEN:].numpy()
 
 
-def sparsespec_samples(model, prompt, warpers: dict, seed: int) -> tuple[np.ndarray, dict]:
+def sparsespec_samples(model, prompt, warpers: dict, seed: int, **options) -> tuple[np.ndarray, dict]:
     torch.manual_seed(seed)
     out = model.generate(
         prompt, max_new_tokens=NEW_TOKENS, do_sample=True, num_return_sequences=SAMPLES,
-        return_dict_in_generate=True, **warpers, **SPARSE,
+        return_dict_in_generate=True, **warpers, **{**SPARSE, **options},
     )
     return out.sequences[:, PROMPT_LEN:].numpy(), out.spec_stats
 
@@ -106,6 +106,14 @@ def test_same_distribution_as_transformers(model, prompt, references, warpers):
     samples, stats = sparsespec_samples(model, prompt, WARPERS[warpers], seed=2)
     assert stats["acceptance_rate"] < 0.9, stats  # the draft disagrees: rejection sampling shapes the output
     assert smallest_adjusted_pvalue(references[warpers], samples) > ALPHA
+
+
+def test_adaptive_draft_length_keeps_the_distribution(model, prompt, references):
+    # Rounds start at 4 drafts (the prior) and shrink to about 2 at this acceptance, so verifications
+    # of different lengths read a slot's draft probabilities left over from longer rounds.
+    samples, stats = sparsespec_samples(model, prompt, WARPERS["plain"], seed=3, draft_len=4, adaptive_draft=True)
+    assert 1 < stats["mean_draft_len"] < 4, stats
+    assert smallest_adjusted_pvalue(references["plain"], samples) > ALPHA
 
 
 def accept_every_draft(target_scores, draft_tokens, num_drafts, draft_probs, do_sample):
