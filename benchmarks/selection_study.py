@@ -11,6 +11,7 @@ wrong tokens whose attention makes poor scores; along the true trajectory the ra
 2.4x better (3.1 vs 1.3 accepted, 2k greedy) than it is.
 
     PYTHONPATH=. python benchmarks/selection_study.py --grid shape --context 1024 --out results.json
+    PYTHONPATH=. python3 benchmarks/selection_study.py --device cuda --grid block --context 8192 --prompts 64 --out $OUT/block.json
 """
 
 from __future__ import annotations
@@ -273,15 +274,19 @@ class Candidate:
 
 
 def run(model, prompts, spec, temperature, k, ratio, min_budget, new_tokens, seed=0):
-    ids = torch.stack(prompts)
+    device = next(model.parameters()).device
+    ids = torch.stack(prompts).to(device)
     torch.manual_seed(seed)
+    # On CUDA: the Triton kernels, without CUDA graphs (a captured step would keep the first
+    # candidate's selection) and without the mass diagnostic (it needs the reference attention).
+    on_cpu = device.type == "cpu"
     with Candidate(spec):
         out = model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), custom_generate=hf_sparsespec.generate,
             return_dict_in_generate=True, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
             do_sample=temperature > 0, temperature=temperature or None, top_k=0 if temperature > 0 else None,
-            selection="paper", budget_ratio=ratio, min_budget=min_budget, draft_len=k, diagnostics=True,
-            unified_schedule=False,
+            selection="paper", budget_ratio=ratio, min_budget=min_budget, draft_len=k, diagnostics=on_cpu,
+            unified_schedule=False, **({} if on_cpu else dict(use_cuda_graphs=False)),
         )
     stats = out.spec_stats
     mass = stats.get("selection_mass_per_layer") or []
@@ -301,19 +306,25 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, nargs="+", default=[0.6, 0.0])
     ap.add_argument("--seed", type=int, nargs="+", default=[0], help="sampling seeds; each is a separate row")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--device", default="cpu", help="cuda: bf16 and the Triton kernels, for many prompts at long contexts")
     args = ap.parse_args()
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(BENCH_MODEL)
-    model = AutoModelForCausalLM.from_pretrained(BENCH_MODEL, dtype=torch.float32).eval()
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(BENCH_MODEL, dtype=dtype).to(args.device).eval()
     prompts = held_out_prompts(tok, args.context, args.prompts)
     grid = GRIDS[args.grid]
     names = args.only or list(grid)
+    if args.device != "cpu":
+        swapped = [n for n in names if isinstance(grid[n], dict) and ("policy" in grid[n] or "score_weights" in grid[n])]
+        if swapped:
+            raise SystemExit(f"{swapped} swap the reference attention, which only the CPU runs; use --device cpu for them.")
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     started = time.time()
     for temperature, seed, name in itertools.product(args.temperature, args.seed, names):
         accepted, mass = run(model, prompts, grid[name], temperature, args.draft_len, args.ratio, args.min_budget,
                              args.new_tokens, seed)
-        rows.append(dict(candidate=name, spec=grid[name], context=args.context, temperature=temperature, seed=seed,
+        rows.append(dict(candidate=name, spec=grid[name], device=args.device, context=args.context, temperature=temperature, seed=seed,
                          draft_len=args.draft_len, budget_ratio=args.ratio, min_budget=args.min_budget,
                          prompts=args.prompts, new_tokens=args.new_tokens, mean_accepted=accepted,
                          selection_mass=sum(mass) / len(mass) if mass else None, selection_mass_per_layer=mass))
