@@ -269,19 +269,20 @@ def write_tables(rows: list, out: Path) -> None:
         import matplotlib.pyplot as plt
 
         bench = [r for r in rows if r["model"] == "bench-code-lm"]
-        contexts = sorted({r["prompt_len"] + r["new_tokens"] for r in bench})
+        # Panels by prompt length: a baseline run on fewer new tokens (same context) shares its shape's panel.
+        contexts = sorted({r["prompt_len"] for r in bench})
         fig, axes = plt.subplots(1, max(len(contexts), 1), figsize=(6 * max(len(contexts), 1), 4), squeeze=False)
         for ax, ctx in zip(axes[0], contexts):
             for method in dict.fromkeys(r["method"] for r in bench):
                 pts = sorted((r["batch"], r["tokens_per_s"]) for r in bench
-                             if r["method"] == method and r["prompt_len"] + r["new_tokens"] == ctx)
+                             if r["method"] == method and r["prompt_len"] == ctx)
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("batch size")
             ax.set_ylabel("decode tokens/s")
-            ax.set_title(f"bench-code-lm on H200, context ~{ctx} tokens")
+            ax.set_title(f"bench-code-lm on H200, {ctx}-token prompts")
             ax.legend()
         fig.tight_layout()
         if bench:
@@ -310,10 +311,16 @@ def main() -> None:
     p.add_argument("--qwen-context", type=int, default=8192)
     p.add_argument("--qwen-new-tokens", type=int, default=64)
     p.add_argument("--qwen-methods", type=lambda s: s.split(","), default=["nospec", "sparsespec"])
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                   help="run nothing: write one table and plot of the rows of these throughput.json files (of calls that each ran some shapes)")
     p.add_argument("--child", nargs=2, metavar=("SHAPE", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print("ROW " + json.dumps(run_one(*args.child, args.new_tokens)), flush=True)
+        return
+    if args.merge:
+        write_tables([row for path in args.merge for row in json.loads(path.read_text())], args.out)
+        print((args.out / "throughput.md").read_text())
         return
     rows: list = []
     try:
