@@ -156,3 +156,19 @@ def test_docs_state_the_default_pillar_knobs():
     text = (Path(__file__).resolve().parents[1] / "docs" / "selection.md").read_text()
     for name in ("PILLAR_LOOKBACK", "PILLAR_LOOKAHEAD", "PILLAR_RECENT_FRACTION", "PILLAR_SINKS", "PILLAR_BLOCK"):
         assert f"{name} = {getattr(sel, name)}" in text, name
+
+
+@pytest.mark.parametrize(("policy", "scored"), [("window", False), ("pillar", True), ("paper", True)])
+def test_only_score_reading_policies_ask_verifications_for_scores(bench_model, short_code, monkeypatch, policy, scored):
+    score_rows = []
+    original = engine_module.build_step
+
+    def build_step(*args, **kwargs):
+        step = original(*args, **kwargs)
+        score_rows.extend(step.inputs["score_row"][step.inputs["score_row"] >= 0].tolist())
+        return step
+
+    monkeypatch.setattr(engine_module, "build_step", build_step)
+    stats = generate(bench_model, short_code, selection=policy, diagnostics=False).spec_stats
+    assert stats["num_verify_steps"] > 0
+    assert bool(score_rows) == scored

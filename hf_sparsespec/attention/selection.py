@@ -70,6 +70,12 @@ def pillar_priority(
     return priority.masked_fill(~candidate[:, None, None, :], float("-inf"))
 
 
+def needs_scores(policy: str) -> bool:
+    """Whether the policy reads the verification's PillarAttn scores ("window" goes by position only,
+    so its verifications skip the score pass)."""
+    return policy != "window"
+
+
 def selection_priority(scores: torch.Tensor, old_len: torch.Tensor, count: torch.Tensor, policy: str) -> torch.Tensor:
     """Priority of each position, [V, L, H, N] float32, -inf at and past ``old_len``.
 

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from ..attention.context import SelectionMass
-from ..attention.selection import select_tokens
+from ..attention.selection import needs_scores, select_tokens
 from ..cache.paged_cache import PagedKVCache
 from ..config import SparseSpecConfig
 from .request import Request, RowKind
@@ -208,7 +208,8 @@ class Engine:
     # ---- device side -------------------------------------------------------------------------
     def _launch(self, rows: list[Row]) -> StepResults:
         """Queue one iteration on the device: forward, sampling, verification, selection."""
-        step = build_step(rows, self.config, self.prompt_width, self.sel_width, self.config.speculate, self.dummy_slot)
+        with_scores = self.config.speculate and needs_scores(self.config.selection)
+        step = build_step(rows, self.config, self.prompt_width, self.sel_width, with_scores, self.dummy_slot)
         if self.presence is not None:
             for row in rows:
                 if row.kind is RowKind.PREFILL and row.request.prefilled == 0:
@@ -227,8 +228,9 @@ class Engine:
         else:
             views = upload(arrays, self.cache.device)
             attn_scores = None
-            if step.num_scores:
-                shape = (step.num_scores, self.cache.num_layers, self.cache.num_kv_heads, step.max_kv_len)
+            num_verify = len(step.post["v_slot"]) if self.config.speculate else 0
+            if num_verify:  # selection needs the buffer's shape even where no scores are written
+                shape = (num_verify, self.cache.num_layers, self.cache.num_kv_heads, step.max_kv_len)
                 attn_scores = torch.zeros(shape, dtype=torch.float32, device=self.cache.device)
             results, scores, logits = self._device_step(views, attn_scores, step.max_kv_len, step.fresh_prefill_rows)
         self.stats.num_forward_passes += 1
