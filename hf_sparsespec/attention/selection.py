@@ -25,8 +25,9 @@ PILLAR_LOOKAHEAD = 1
 PILLAR_RECENT_FRACTION = 0.5  # "pillar": share of the budget given to the most recent positions
 PILLAR_SINKS = 0  # "pillar": forced leading positions; pooled scores pick the sinks anyway
 # "pillar": positions are scored by the attention mass of their aligned block of this many
-# positions, before the pooling. Block masses did at least as well as single positions (screen in
-# docs/selection.md), and a kernel can sum them during the attention pass itself.
+# positions, before the pooling; 1 scores each position alone. 16-position blocks (which a kernel
+# could sum during the attention pass itself) did better at 4k and a 5% budget but worse at 8k and
+# at 2% (screen in docs/selection.md).
 PILLAR_BLOCK = 1
 
 
@@ -46,7 +47,8 @@ def pillar_priority(
     sinks: int = PILLAR_SINKS,
     block: int = PILLAR_BLOCK,
 ) -> torch.Tensor:
-    """Block masses, max-pooled, with the newest ``recent_fraction`` of the budget and ``sinks`` forced in.
+    """Scores (block masses if ``block > 1``), max-pooled, with the newest ``recent_fraction`` of the
+    budget and ``sinks`` forced in.
 
     Pooling rewards the neighbours of a high-scoring token: a draft that copies a span needs the
     tokens after the one the verification looked at (an induction head moves one position per
