@@ -60,8 +60,8 @@ class Scheduler:
         length = longest
         if first and self.config.unified_schedule and longest > 0:
             # Stagger: join the least crowded "iterations until verification" bucket among the groups'
-            # evenly spaced ones (ties: more drafts). Every later round has the same length, so the
-            # request keeps its group.
+            # evenly spaced ones (ties: more drafts). Later rounds all have the same length (unless
+            # adaptive_draft varies it), so the request keeps its group.
             phases = longest + 1
             groups = min(self.config.verify_groups or phases, phases)
             choices = sorted({longest - i * phases // groups for i in range(groups)}, reverse=True)
