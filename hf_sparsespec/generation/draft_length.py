@@ -15,8 +15,9 @@ from dataclasses import dataclass
 # A round's verification row plus the iteration it sits out, in units of one draft row. A
 # verification reads the whole context (a draft only its selection) and does the selection, so it
 # costs several draft rows; in a thin tail of the batch only the count of iterations matters (2).
-# A simulation of batch 128 x 16k calibrated on the H200's step times (session 4) gained about as
-# much at 4 as at 8.
+# benchmarks/draft_length_sim.py (a batch of 128 with step costs from the H200 at 16k) finds 4 to 8
+# within a few percent of the best in every setting it models, and fixed rounds of 8 10-35% slower;
+# on the H200 itself 6 gave +11% at batch 128 x 16k (session-4 results).
 VERIFY_COST = 6.0
 # Recent rounds weigh most: a request's text changes character (boilerplate, then logic).
 DECAY = 0.7
