@@ -49,7 +49,7 @@ class StepTimer:
     """Times every engine iteration with CUDA events, keyed by what its rows were."""
 
     def __init__(self) -> None:
-        self.records: list[tuple[str, torch.cuda.Event, torch.cuda.Event, int, bool]] = []
+        self.records: list[tuple[str, torch.cuda.Event, torch.cuda.Event, int, bool, int]] = []
         self._original = engine_module.Engine._launch
 
     def __enter__(self) -> "StepTimer":
@@ -64,7 +64,7 @@ class StepTimer:
             prompt = "prefill" in kinds
             kind = kinds.pop() if len(kinds) == 1 else "mixed"
             kv_read = sum(_kv_read(engine, row) for row in rows)
-            timer.records.append((kind, start, end, kv_read, prompt))
+            timer.records.append((kind, start, end, kv_read, prompt, len(rows)))
             return out
 
         engine_module.Engine._launch = timed_launch
@@ -80,12 +80,19 @@ class StepTimer:
         if last_prompt is not None and last_prompt + 1 < len(self.records):
             out["decode_s"] = self.records[last_prompt][2].elapsed_time(self.records[-1][2]) / 1e3
         for kind in ("draft", "verify", "mixed"):
-            times = [(s.elapsed_time(e), kv) for k, s, e, kv, _ in self.records if k == kind]
+            times = [(s.elapsed_time(e), kv, n) for k, s, e, kv, _, n in self.records if k == kind]
             if not times:
                 continue
-            ms = sorted(t for t, _ in times)[len(times) // 2]
-            floor_ms = (weight_bytes + sorted(kv for _, kv in times)[len(times) // 2] * bytes_per_token) / HBM_BYTES_PER_S * 1e3
-            out[kind] = {"median_ms": ms, "floor_ms": floor_ms, "steps": len(times), "total_ms": sum(t for t, _ in times)}
+            ms = sorted(t for t, _, _ in times)[len(times) // 2]
+            floors = [(weight_bytes + kv * bytes_per_token) / HBM_BYTES_PER_S * 1e3 for _, kv, _ in times]
+            # Steps differ in rows (requests drift apart and finish), so each is set against its own floor.
+            ratios = sorted(t / f for (t, _, _), f in zip(times, floors))
+            widest = max(n for _, _, n in times)
+            full = sorted((t, f) for (t, _, n), f in zip(times, floors) if n == widest)
+            out[kind] = {"median_ms": ms, "floor_ms": sorted(floors)[len(floors) // 2], "steps": len(times),
+                         "total_ms": sum(t for t, _, _ in times), "median_floor_ratio": ratios[len(ratios) // 2],
+                         "widest_rows": widest, "widest_steps": len(full), "widest_median_ms": full[len(full) // 2][0],
+                         "widest_floor_ms": full[len(full) // 2][1]}
         return out
 
 
