@@ -4,11 +4,11 @@
 # shape with per-step floor ratios.
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 mkdir -p "$OUT/sweep" "$OUT/qwen"
-if ! timeout 100 python3 benchmarks/gpu_check.py --out "$OUT" > "$OUT/gpu_check.log" 2>&1; then
+if ! timeout 150 python3 benchmarks/gpu_check.py --out "$OUT" > "$OUT/gpu_check.log" 2>&1; then
     tail -30 "$OUT/gpu_check.log"; exit 1
 fi
 grep -E "identical|prefix|sync warnings" "$OUT/gpu_check.log"
-timeout 220 python3 benchmarks/kernels_check.py --out "$OUT/sweep" --only verify-sweep > "$OUT/sweep/kernels.log" 2>&1
+timeout 190 python3 benchmarks/kernels_check.py --out "$OUT/sweep" --only verify-sweep > "$OUT/sweep/kernels.log" 2>&1
 grep -E "^\[time\]|error|MISMATCH" "$OUT/sweep/kernels.log" | cut -c1-150
 timeout 240 python3 benchmarks/throughput.py --out "$OUT/qwen" --skip-bench --qwen8b > "$OUT/qwen/qwen8b.log" 2>&1
 grep FAILED "$OUT/qwen/qwen8b.log" | cut -c1-300; cat "$OUT/qwen/throughput_qwen8b.md"
