@@ -43,10 +43,6 @@ CASES = {
     # As a captured CUDA graph sees it: padding rows up to one row per token, max_kv_len far above.
     "graph_like_page16_g3_d16": (16, 2, 3, 16, "float32", dict(block_n=16, target_items=64, graph_like=True)),
     "graph_like_page1_g1_d32_default": (1, 2, 1, 32, "float32", dict(graph_like=True)),
-    # Decode steps put rows longer than a 16-row tile in a launch of their own: here 32-row tiles,
-    # so the 23-query row spans three of them.
-    "graph_like_page16_g3_d32_long_rows": (16, 2, 3, 32, "float32", dict(long_block_m=32, block_n=16, target_items=64,
-                                                                          graph_like=True)),
 }
 # bfloat16 attention is checked only on the GPU (benchmarks/kernels_check.py): Triton 3.9's interpreter
 # computes tl.dot on bfloat16 operands wrongly (a lone 16x16 product is off by orders of magnitude).
@@ -361,14 +357,10 @@ def _check_fused_norms(_case):
 # lets through (types, layouts, lowering). Integer strides are marked divisible by 16, as the launcher
 # specialises head-dim multiples, so this is the vectorised code path the GPU gets.
 SM90_KERNELS = {
-    "attention_decode": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, ROWS=1, SHORT_Q=4, WRITE_LSE=True,
-                                                   DOT_PRECISION="tf32"), 4),
-    "attention_verify": ("_attention_kernel", dict(BLOCK_M=64, QPT=16, PAGE=16, BLOCK_N=64, ROWS=2, SHORT_Q=4, WRITE_LSE=True,
-                                                   DOT_PRECISION="tf32"), 8),
-    "attention_prefill": ("_attention_kernel", dict(BLOCK_M=128, QPT=32, PAGE=1, BLOCK_N=64, ROWS=0, SHORT_Q=32, WRITE_LSE=False,
-                                                    DOT_PRECISION="tf32"), 8),
-    "finish": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, ROWS=1, SHORT_Q=4, MERGE_GROUP=4, SCORE_M=64,
-                                      SCORE_Q=16, WRITE_SCORES=True, DOT_PRECISION="tf32"), 4),
+    "attention_decode": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, WRITE_LSE=True, DOT_PRECISION="tf32"), 4),
+    "attention_prefill": ("_attention_kernel", dict(BLOCK_M=128, QPT=32, PAGE=1, BLOCK_N=64, WRITE_LSE=False, DOT_PRECISION="tf32"), 8),
+    "finish": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, MERGE_GROUP=4, SCORE_M=64, SCORE_Q=16,
+                                      WRITE_SCORES=True, DOT_PRECISION="tf32"), 4),
     "write_kv": ("_write_kv_kernel", dict(H=8, H_PAD=8, D=128, D_PAD=128), 4),
     "rms_norm": ("_rms_norm_kernel", dict(BLOCK_N=4096, ROWS=1), 4),
     "rotary": ("_rotary_kernel", dict(HALF=64, BLOCK=64), 1),

@@ -80,13 +80,10 @@ def _item(
     q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
     R, SEL_WIDTH, TARGET, FIXED_CHUNK,
     G: tl.constexpr, HKV: tl.constexpr, QPT: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
-    SPLIT_COST: tl.constexpr, ROWS: tl.constexpr, SHORT_Q: tl.constexpr, REVERSED: tl.constexpr,
+    SPLIT_COST: tl.constexpr, REVERSED: tl.constexpr,
 ):
     """This program's item, derived from the row metadata. Both kernels call it with the same
     arguments, so they agree on the items; ``REVERSED`` hands out the last items first.
-
-    ``ROWS`` picks the rows this launch covers: all (0), those of at most ``SHORT_Q`` queries (1),
-    or the longer ones (2); the others count as empty.
 
     Splits are sized from the whole step's work: about the KV positions per item that give
     ``TARGET`` items per KV head, whether the step is one 16k-token row or a hundred short
@@ -102,10 +99,6 @@ def _item(
     idx = tl.arange(0, R_PAD)
     ok = idx < R
     n = tl.load(q_len_ptr + idx, mask=ok, other=0).to(tl.int32)
-    if ROWS == 1:
-        n = tl.where(n <= SHORT_Q, n, 0)
-    elif ROWS == 2:
-        n = tl.where(n > SHORT_Q, n, 0)
     kv = tl.load(kv_len_ptr + idx, mask=ok, other=0).to(tl.int32)
     draft = tl.load(is_draft_ptr + idx, mask=ok, other=0).to(tl.int32) != 0
     tail = tl.load(tail_ptr + idx, mask=ok, other=0).to(tl.int32)
@@ -218,11 +211,11 @@ def _attention_kernel(
     stride_bt, stride_sel_s, stride_sel_h,
     G: tl.constexpr, HKV: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, QPT: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, SPLIT_COST: tl.constexpr,
-    ROWS: tl.constexpr, SHORT_Q: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     item, row, h, tile, split, n, kv, tail, cnt, chunk, splits, part_start = _item(
         q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
-        R, SEL_WIDTH, TARGET, FIXED_CHUNK, G, HKV, QPT, BLOCK_N, R_PAD, SPLIT_COST, ROWS, SHORT_Q, False,
+        R, SEL_WIDTH, TARGET, FIXED_CHUNK, G, HKV, QPT, BLOCK_N, R_PAD, SPLIT_COST, False,
     )
     if item < 0:
         return
@@ -311,8 +304,8 @@ def _finish_kernel(
     stride_qt, stride_qh, stride_ks, stride_kh, stride_ot, stride_oh, stride_bt, stride_sc_v, stride_sc_h,
     G: tl.constexpr, HKV: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, QPT: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, SPLIT_COST: tl.constexpr,
-    ROWS: tl.constexpr, SHORT_Q: tl.constexpr, MERGE_GROUP: tl.constexpr, SCORE_M: tl.constexpr, SCORE_Q: tl.constexpr,
-    WRITE_SCORES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MERGE_GROUP: tl.constexpr, SCORE_M: tl.constexpr, SCORE_Q: tl.constexpr, WRITE_SCORES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Over the attention kernel's items: the first split of each split tile merges the tile's
     partials into the output; the items of a scored row (a full row) write the PillarAttn scores
@@ -325,7 +318,7 @@ def _finish_kernel(
     # the likeliest still in L2 for the score pass.
     item, row, h, tile, split, n, kv, tail, cnt, chunk, splits, part_start = _item(
         q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
-        R, SEL_WIDTH, TARGET, FIXED_CHUNK, G, HKV, QPT, BLOCK_N, R_PAD, SPLIT_COST, ROWS, SHORT_Q, True,
+        R, SEL_WIDTH, TARGET, FIXED_CHUNK, G, HKV, QPT, BLOCK_N, R_PAD, SPLIT_COST, True,
     )
     if item < 0:
         return
@@ -429,8 +422,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Tiles:
-    block_m: int  # query-tile rows (queries x group heads) of all rows, or of the short ones
-    long_block_m: int | None  # query-tile rows of the longer rows, in a launch of their own; None: one launch
+    block_m: int  # attention query-tile rows (queries x group heads)
     block_n: int  # KV positions per block
     score_m: int  # score-pass query-tile rows
 
@@ -442,18 +434,16 @@ def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int) -> _Tile
     each KV block is reused by as many queries as fit. Decode steps (graph buckets have one row
     per token) are memory bound, and what keeps HBM busy is loads in flight, i.e. resident
     programs: 16-row tiles keep registers and shared memory small enough for several per SM.
-    But every tile reads its row's whole KV, and L2 did not catch the repeats: a 9-query
-    verification row of a group of 4 spans three 16-row tiles and cost three reads (the H200
-    sweep: batch-1 16k verification 186 us in 16-row tiles, 121 us in one 64-row tile). So rows
-    longer than a small tile (verifications) run in a second launch, one 64-row tile each.
-    The score pass reads K for every query of a row at once.
+    A verification row spans a few such tiles; they run side by side and share its KV in L2.
+    The score pass, in contrast, reads K for every query of a row at once.
     """
     block_n = 64 if d_pad <= 128 else 32
-    small = _pow2(group, 16)
-    score_m = max(min(64, _pow2(group * 16)), small)
     if num_tokens > 2 * num_rows:
-        return _Tiles(max(128 if d_pad <= 128 else 64, small), None, block_n, score_m)
-    return _Tiles(small, max(64 if d_pad <= 128 else 32, small), block_n, score_m)
+        block_m = 128 if d_pad <= 128 else 64
+    else:
+        block_m = 16
+    small = _pow2(group, 16)
+    return _Tiles(max(block_m, small), block_n, max(min(64, _pow2(group * 16)), small))
 
 
 def paged_attention(
@@ -465,7 +455,6 @@ def paged_attention(
     scale: float,
     *,
     block_m: int | None = None,
-    long_block_m: int | None = None,
     block_n: int | None = None,
     target_items: int | None = None,
     split_tokens: int | None = None,
@@ -484,12 +473,10 @@ def paged_attention(
         ctx: the step's metadata; ``ctx.max_kv_len`` must bound every ``kv_len``.
         layer: index into ``ctx.selection`` and ``ctx.scores``.
         scale: softmax scale applied to Q K^T.
-        block_m, long_block_m, block_n, target_items, split_tokens, num_stages, num_warps: tuning
-            overrides for benchmarks and tests (query-tile rows: ``block_m`` alone puts every row
-            in one launch of such tiles, ``long_block_m`` sets the tiles of a decode step's long
-            rows; KV block; items the split sizing aims at; a fixed number of KV positions per
-            split; the attention kernel's pipeline stages and warps); by default chosen from the
-            shapes and, for the split size, from the step's work on the device.
+        block_m, block_n, target_items, split_tokens, num_stages, num_warps: tuning overrides for
+            benchmarks and tests (query-tile rows, KV block, items the split sizing aims at, a fixed
+            number of KV positions per split, the attention kernel's pipeline stages and warps); by
+            default chosen from the shapes and, for the split size, from the step's work on the device.
     """
     _, num_q_heads, num_tokens, head_dim = query.shape
     num_rows = ctx.q_len.shape[0]
@@ -503,79 +490,69 @@ def paged_attention(
     q = _last_dim_contiguous(query[0])  # (Hq, T, D)
     d_pad = _pow2(head_dim, 16)
     tiles = _tile_shape(num_tokens, num_rows, group, d_pad)
-    smallest = _pow2(group, 16)
-    if block_m or tiles.long_block_m is None:
-        launches = [(0, max(block_m or tiles.block_m, smallest))]
-    else:
-        launches = [(1, tiles.block_m), (2, max(long_block_m or tiles.long_block_m, smallest))]
-    short_q = tiles.block_m // group
+    block_m = max(block_m or tiles.block_m, _pow2(group, 16))
     block_n = block_n or tiles.block_n
+    qpt = block_m // group
+    # A 64 x D fp32 accumulator over 4 warps spills at D=128.
+    warps = num_warps or (8 if block_m * d_pad >= 64 * 128 else 4)
     selection = _last_dim_contiguous(ctx.selection[:, layer])  # [S, H, K]
     sel_width = selection.shape[-1]
+
+    # Upper bounds on the items (per KV head) and on the split items among them. A row of n
+    # tokens has ceil(n / qpt) tiles, so all rows have at most max_tiles.
+    max_tiles = min(num_tokens, num_tokens // qpt + num_rows)
+    part_bytes = block_m * (d_pad + 1) * 4
+    if split_tokens:
+        per_row = triton.cdiv(ctx.max_kv_len + sel_width, split_tokens)
+        target, max_units, max_split_units = 1, max_tiles * per_row, max_tiles * per_row
+    else:
+        items = target_items or _ITEMS_PER_SM * _num_sms(query.device)
+        target = max(1, min(items, _PARTIAL_BYTES // (2 * part_bytes)) // num_kv_heads)
+        # Units past the tiles come from splits, each covering >= work / target positions; a split
+        # row's splits number at most twice its work / chunk.
+        max_units, max_split_units = max_tiles + target, 2 * target
     may_split = (split_tokens or block_n) < ctx.max_kv_len + sel_width
     write_scores = ctx.scores is not None
+    grid = (num_kv_heads * max_units,)
+
     dot_precision = "ieee" if query.dtype == torch.float32 else "tf32"
     qk_scale = scale * _LOG2E
     f32 = dict(dtype=torch.float32, device=query.device)
     lse = torch.empty(num_tokens, num_q_heads, **f32) if write_scores else out
-    scores = ctx.scores[:, layer] if write_scores else out  # [V, H, width]
+    if may_split:
+        part_o = torch.empty(num_kv_heads * max_split_units * block_m, d_pad, **f32)
+        part_lse = torch.empty(num_kv_heads * max_split_units * block_m, **f32)
+    else:
+        part_o = part_lse = lse  # never touched: every row has a single split
     rows = (
         _flat(ctx.q_start), _flat(ctx.q_len), _flat(ctx.kv_len), _flat(ctx.is_draft),
         _flat(ctx.tail_start), _flat(ctx.sel_slot), _flat(ctx.sel_count), _flat(ctx.score_row),
     )
     block_tables = _last_dim_contiguous(ctx.block_tables)
+    plan = (num_rows, sel_width, target, split_tokens or 0)
+    shared = dict(G=group, HKV=num_kv_heads, HQ=num_q_heads, D=head_dim, D_PAD=d_pad, PAGE=ctx.cache.page_size,
+                  BLOCK_M=block_m, QPT=qpt, BLOCK_N=block_n, R_PAD=_pow2(num_rows, 16), SPLIT_COST=_SPLIT_COST,
+                  DOT_PRECISION=dot_precision)
 
-    for row_kind, tile_m in launches:
-        qpt = tile_m // group
-        # A 64 x D fp32 accumulator over 4 warps spills at D=128.
-        warps = num_warps or (8 if tile_m * d_pad >= 64 * 128 else 4)
-        # Upper bounds on the items (per KV head) and on the split items among them. A row of n
-        # tokens has ceil(n / qpt) tiles; short rows have one each, and rows longer than short_q
-        # number at most num_tokens // (short_q + 1).
-        if row_kind == 0:
-            max_tiles = min(num_tokens, num_tokens // qpt + num_rows)
-        elif row_kind == 1:
-            max_tiles = min(num_tokens, num_rows)
-        else:
-            max_tiles = num_tokens // qpt + min(num_rows, num_tokens // (short_q + 1))
-        part_bytes = tile_m * (d_pad + 1) * 4
-        if split_tokens:
-            per_row = triton.cdiv(ctx.max_kv_len + sel_width, split_tokens)
-            target, max_units, max_split_units = 1, max_tiles * per_row, max_tiles * per_row
-        else:
-            items = target_items or _ITEMS_PER_SM * _num_sms(query.device)
-            target = max(1, min(items, _PARTIAL_BYTES // (2 * part_bytes)) // num_kv_heads)
-            # Units past the tiles come from splits, each covering >= work / target positions; a
-            # split row's splits number at most twice its work / chunk.
-            max_units, max_split_units = max_tiles + target, 2 * target
-        grid = (num_kv_heads * max_units,)
-        if may_split:
-            part_o = torch.empty(num_kv_heads * max_split_units * tile_m, d_pad, **f32)
-            part_lse = torch.empty(num_kv_heads * max_split_units * tile_m, **f32)
-        else:
-            part_o = part_lse = lse  # never touched: every row has a single split
-        plan = (num_rows, sel_width, target, split_tokens or 0)
-        shared = dict(G=group, HKV=num_kv_heads, HQ=num_q_heads, D=head_dim, D_PAD=d_pad, PAGE=ctx.cache.page_size,
-                      BLOCK_M=tile_m, QPT=qpt, BLOCK_N=block_n, R_PAD=_pow2(num_rows, 16), SPLIT_COST=_SPLIT_COST,
-                      ROWS=row_kind, SHORT_Q=short_q, DOT_PRECISION=dot_precision)
-        _attention_kernel[grid](
-            q, k_pool, v_pool, out, lse, part_o, part_lse, *rows, block_tables, selection,
-            *plan, qk_scale,
-            q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
-            out.stride(1), out.stride(2), block_tables.stride(0), selection.stride(0), selection.stride(1),
-            **shared, WRITE_LSE=write_scores, num_warps=warps, num_stages=num_stages or 2,
+    _attention_kernel[grid](
+        q, k_pool, v_pool, out, lse, part_o, part_lse, *rows, block_tables, selection,
+        *plan, qk_scale,
+        q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
+        out.stride(1), out.stride(2), block_tables.stride(0), selection.stride(0), selection.stride(1),
+        **shared, WRITE_LSE=write_scores, num_warps=warps, num_stages=num_stages or 2,
+    )
+    if may_split or write_scores:
+        scores = ctx.scores[:, layer] if write_scores else out  # [V, H, width]
+        # Partials merged per step: as many as keep the loaded tiles near 64 fp32 values per thread.
+        merge_group = max(1, min(8, 64 * 32 * 4 // (block_m * d_pad)))
+        _finish_kernel[grid](
+            q, k_pool, out, lse, part_o, part_lse, scores, *rows, block_tables,
+            *plan, scores.shape[-1], qk_scale,
+            q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), out.stride(1), out.stride(2),
+            block_tables.stride(0), scores.stride(0), scores.stride(1),
+            **shared, MERGE_GROUP=merge_group, SCORE_M=tiles.score_m, SCORE_Q=tiles.score_m // group,
+            WRITE_SCORES=write_scores, num_warps=4, num_stages=2,
         )
-        if may_split or write_scores:
-            # Partials merged per step: as many as keep the loaded tiles near 64 fp32 values per thread.
-            merge_group = max(1, min(8, 64 * 32 * 4 // (tile_m * d_pad)))
-            _finish_kernel[grid](
-                q, k_pool, out, lse, part_o, part_lse, scores, *rows, block_tables,
-                *plan, scores.shape[-1], qk_scale,
-                q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), out.stride(1), out.stride(2),
-                block_tables.stride(0), scores.stride(0), scores.stride(1),
-                **shared, MERGE_GROUP=merge_group, SCORE_M=tiles.score_m, SCORE_Q=tiles.score_m // group,
-                WRITE_SCORES=write_scores, num_warps=4, num_stages=2,
-            )
     return out
 
 
