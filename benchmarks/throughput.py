@@ -42,6 +42,8 @@ ENGINE_METHODS = {
     "sparsespec_3groups": dict(verify_groups=3),
     "sparsespec_adaptive": dict(adaptive_draft=True),
     "sparsespec_adaptive_2groups": dict(adaptive_draft=True, verify_groups=2),
+    # Selection over 16-token block masses that the attention kernel sums (no second read of K).
+    "sparsespec_block": dict(selection="pillar_block"),
 }
 
 

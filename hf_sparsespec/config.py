@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-SELECTION_POLICIES = ("pillar", "paper", "window")
+SELECTION_POLICIES = ("pillar", "pillar_block", "paper", "window")
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,8 @@ class SparseSpecConfig:
         min_budget: the draft attends to at least this many selected tokens.
         max_budget: and to at most this many.
         selection: how the draft's tokens are chosen: ``"pillar"`` (the project's default, see README),
+            ``"pillar_block"`` (the same rule over the attention mass of aligned 16-token blocks,
+            which the GPU kernels sum during verification instead of reading K a second time),
             ``"paper"`` (raw Top-K of the verification's attention, as published) or ``"window"``
             (4 sink tokens plus the most recent ones, MagicDec/StreamingLLM style).
         speculate: ``False`` runs the same engine without drafting (one verified token per step);

@@ -96,6 +96,7 @@ ENGINE_VARIANTS = {
     "prompts prefilled in chunks": dict(prefill_chunk=8, max_batch_size=3),
     "paper selection": dict(selection="paper"),
     "window selection": dict(selection="window"),
+    "block-score selection": dict(selection="pillar_block"),
     "one draft per round": dict(draft_len=1),
     "adaptive draft length": dict(adaptive_draft=True),
     "budget from the ratio": dict(min_budget=1, budget_ratio=0.2),

@@ -60,7 +60,7 @@ def test_window_keeps_four_sinks_and_the_newest_positions():
             assert valid(chosen, 0, layer, head) == expected
 
 
-@pytest.mark.parametrize("policy", ["paper", "window", "pillar"])
+@pytest.mark.parametrize("policy", ["paper", "window", "pillar", "pillar_block"])
 def test_every_policy_selects_count_distinct_candidates(policy):
     scores = random_scores(n=80)
     old_len = torch.tensor([80, 33, 9])
@@ -97,7 +97,7 @@ def test_block_masses_sum_aligned_blocks():
 def test_positions_at_or_past_old_len_are_never_selected_even_when_they_score_high():
     scores = random_scores(v=1, n=64)
     scores[..., 40:] = 10.0  # the verification attends to its own tokens most
-    for policy in ("paper", "window", "pillar"):
+    for policy in ("paper", "window", "pillar", "pillar_block"):
         chosen = sel.select_tokens(scores, torch.tensor([40]), torch.tensor([16]), policy, width=16)
         assert chosen.max() < 40, policy
 
@@ -158,7 +158,7 @@ def test_docs_state_the_default_pillar_knobs():
         assert f"{name} = {getattr(sel, name)}" in text, name
 
 
-@pytest.mark.parametrize(("policy", "scored"), [("window", False), ("pillar", True), ("paper", True)])
+@pytest.mark.parametrize(("policy", "scored"), [("window", False), ("pillar", True), ("paper", True), ("pillar_block", True)])
 def test_only_score_reading_policies_ask_verifications_for_scores(bench_model, short_code, monkeypatch, policy, scored):
     score_rows = []
     original = engine_module.build_step
@@ -172,3 +172,28 @@ def test_only_score_reading_policies_ask_verifications_for_scores(bench_model, s
     stats = generate(bench_model, short_code, selection=policy, diagnostics=False).spec_stats
     assert stats["num_verify_steps"] > 0
     assert bool(score_rows) == scored
+
+
+@pytest.mark.parametrize("policy", ["pillar", "pillar_block"])
+def test_block_policy_verifications_write_block_shares(bench_model, short_code, monkeypatch, policy):
+    """Under "pillar_block" every verification score is its aligned block's mean (the kernels sum
+    masses per block); "pillar" keeps per-position scores."""
+    seen = []
+    original = engine_module.select_tokens
+
+    def select_tokens(scores, old_len, count, chosen_policy, width):
+        seen.append((scores.clone(), old_len.clone()))
+        return original(scores, old_len, count, chosen_policy, width)
+
+    monkeypatch.setattr(engine_module, "select_tokens", select_tokens)
+    generate(bench_model, short_code, selection=policy, diagnostics=False)
+    block = sel.SCORE_BLOCK
+    spread = 0.0
+    for scores, old_len in seen:
+        for v, length in enumerate(old_len.tolist()):
+            whole = length // block * block  # blocks wholly before the verification's own tokens
+            blocks = scores[v, ..., :whole].unflatten(-1, (-1, block))
+            assert bool((blocks.sum(-1) > 0).any())
+            spread = max(spread, float((blocks.amax(-1) - blocks.amin(-1)).max()))
+    assert seen
+    assert (spread <= 1e-7) == (policy == "pillar_block"), spread

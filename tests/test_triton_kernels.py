@@ -43,6 +43,12 @@ CASES = {
     # As a captured CUDA graph sees it: padding rows up to one row per token, max_kv_len far above.
     "graph_like_page16_g3_d16": (16, 2, 3, 16, "float32", dict(block_n=16, target_items=64, graph_like=True)),
     "graph_like_page1_g1_d32_default": (1, 2, 1, 32, "float32", dict(graph_like=True)),
+    # Scores at 16-position block granularity, summed in the attention pass: over fixed splits and
+    # several query tiles per row, over the decode shape's own splits, and in 128-row prefill tiles.
+    "page16_g3_d32_block_scores_splits": (16, 2, 3, 32, "float32", dict(block_m=16, block_n=16, split_tokens=32,
+                                                                         score_block=16)),
+    "graph_like_page1_g1_d32_block_scores": (1, 2, 1, 32, "float32", dict(graph_like=True, score_block=16)),
+    "page1_g3_d32_fp16_block_scores": (1, 2, 3, 32, "float16", dict(score_block=16)),
 }
 # bfloat16 attention is checked only on the GPU (benchmarks/kernels_check.py): Triton 3.9's interpreter
 # computes tl.dot on bfloat16 operands wrongly (a lone 16x16 product is off by orders of magnitude).
@@ -169,6 +175,7 @@ def _check_attention(case):
     dtype = getattr(torch, dtype_name)
     layer = 1
     query, k_pool, v_pool, ctx = build_batch(page_size, kv_heads, group, head_dim, dtype, layer=layer, graph_like=graph_like)
+    ctx = dataclasses.replace(ctx, score_block=overrides.pop("score_block", 1))
     scale = head_dim**-0.5
     ref_ctx = dataclasses.replace(ctx, scores=ctx.scores.clone(), use_triton=False)
     # The reference on upcast inputs: the kernels accumulate in fp32 as well.
@@ -357,10 +364,16 @@ def _check_fused_norms(_case):
 # lets through (types, layouts, lowering). Integer strides are marked divisible by 16, as the launcher
 # specialises head-dim multiples, so this is the vectorised code path the GPU gets.
 SM90_KERNELS = {
-    "attention_decode": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, WRITE_LSE=True, DOT_PRECISION="tf32"), 4),
-    "attention_prefill": ("_attention_kernel", dict(BLOCK_M=128, QPT=32, PAGE=1, BLOCK_N=64, WRITE_LSE=False, DOT_PRECISION="tf32"), 8),
+    "attention_decode": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, WRITE_LSE=True, SCORE_BLOCK=0,
+                                                   DOT_PRECISION="tf32"), 4),
+    "attention_decode_block_scores": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, WRITE_LSE=True,
+                                                                SCORE_BLOCK=16, DOT_PRECISION="tf32"), 4),
+    "attention_prefill": ("_attention_kernel", dict(BLOCK_M=128, QPT=32, PAGE=1, BLOCK_N=64, WRITE_LSE=False, SCORE_BLOCK=0,
+                                                    DOT_PRECISION="tf32"), 8),
     "finish": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, MERGE_GROUP=4, SCORE_M=64, SCORE_Q=16,
-                                      WRITE_SCORES=True, DOT_PRECISION="tf32"), 4),
+                                      WRITE_SCORES=True, SCORE_BLOCK=0, DOT_PRECISION="tf32"), 4),
+    "finish_block_scores": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, MERGE_GROUP=4, SCORE_M=64,
+                                                   SCORE_Q=16, WRITE_SCORES=True, SCORE_BLOCK=16, DOT_PRECISION="tf32"), 4),
     "write_kv": ("_write_kv_kernel", dict(H=8, H_PAD=8, D=128, D_PAD=128), 4),
     "rms_norm": ("_rms_norm_kernel", dict(BLOCK_N=4096, ROWS=1), 4),
     "rotary": ("_rotary_kernel", dict(HALF=64, BLOCK=64), 1),
@@ -381,7 +394,7 @@ def _compile_sm90(name: str) -> dict:
         constexprs = dict(G=4, HKV=8, HQ=32, D=128, D_PAD=128, R_PAD=256, SPLIT_COST=16, **constexprs)
     ints = {"bt_ptr": "i64", "sel_ptr": "i32", "sel_count_ptr": "i32", "is_draft_ptr": "i1", "slot_ptr": "i64"}
     metadata = ("q_start_ptr", "q_len_ptr", "kv_len_ptr", "tail_ptr", "sel_slot_ptr", "score_row_ptr")
-    fp32 = ("lse_ptr", "part_o_ptr", "part_lse_ptr", "scores_ptr")
+    fp32 = ("lse_ptr", "part_o_ptr", "part_lse_ptr", "scores_ptr", "blse_ptr")
     signature, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         if arg in constexprs:

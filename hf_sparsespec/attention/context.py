@@ -45,6 +45,9 @@ class StepContext:
     scores: torch.Tensor | None  # [V, L, H, max_kv] float32 PillarAttn scores, or None
     max_kv_len: int  # an upper bound of kv_len, known on the host without a sync
     use_triton: bool = False
+    # Scores at block granularity: each position gets 1/score_block of its aligned block's mass
+    # (1: per position). Kernels then sum the masses during the attention pass, reading K once.
+    score_block: int = 1
     selection_mass: "SelectionMass | None" = None  # diagnostics only (reference path)
     # (first token, length) of each row, known on the host when every row is a prompt's first
     # chunk: such a step needs no cache reads, and plain causal attention over its own keys does.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .context import StepContext
+from .selection import block_masses
 
 
 def gather_positions(pool: torch.Tensor, block_table: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -35,7 +36,8 @@ def reference_attention(
     """Attention for a packed batch. ``query`` is (1, Hq, T, D); returns (1, T, Hq, D).
 
     Verification rows also write ``ctx.scores[score_row, layer]``: the softmax probabilities averaged
-    over the query heads of each KV group and over the row's queries (masked entries count as 0).
+    over the query heads of each KV group and over the row's queries (masked entries count as 0),
+    or with ``ctx.score_block > 1`` each position's equal share of its aligned block's sum of them.
     """
     q = query[0].transpose(0, 1)  # [T, Hq, D]
     num_tokens, num_q_heads, head_dim = q.shape
@@ -66,5 +68,9 @@ def reference_attention(
         out[start : start + n] = torch.einsum("hgnl,lhd->nhgd", probs, values).reshape(n, num_q_heads, head_dim).to(out.dtype)
         score_row = int(ctx.score_row[row])
         if score_row >= 0:
-            ctx.scores[score_row, layer, :, :kv_len] = probs.sum(dim=(1, 2)) / (group * n)
+            scores = probs.sum(dim=(1, 2)) / (group * n)
+            block = ctx.score_block
+            if block > 1:
+                scores = block_masses(scores, block).repeat_interleave(block, dim=-1)[:, :kv_len] / block
+            ctx.scores[score_row, layer, :, :kv_len] = scores
     return out.unsqueeze(0)

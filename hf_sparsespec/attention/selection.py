@@ -72,6 +72,16 @@ def pillar_priority(
     return priority.masked_fill(~candidate[:, None, None, :], float("-inf"))
 
 
+# "pillar_block": verification scores come at this block granularity (every position holds an
+# equal share of its aligned block's mass), which the attention kernel sums in its own pass.
+SCORE_BLOCK = 16
+
+
+def score_block(policy: str) -> int:
+    """Granularity of the verification scores a policy reads (1: per position)."""
+    return SCORE_BLOCK if policy == "pillar_block" else 1
+
+
 def needs_scores(policy: str) -> bool:
     """Whether the policy reads the verification's PillarAttn scores ("window" goes by position only,
     so its verifications skip the score pass)."""
@@ -85,7 +95,7 @@ def selection_priority(scores: torch.Tensor, old_len: torch.Tensor, count: torch
         scores: [V, L, H, N] PillarAttn scores of the verification rows.
         old_len: [V] positions below this are candidates.
         count: [V] how many will be selected.
-        policy: "paper", "window" or "pillar".
+        policy: "paper", "window", "pillar" or "pillar_block" (whose scores are block shares already).
     """
     n = scores.shape[-1]
     positions = torch.arange(n, device=scores.device)
@@ -96,7 +106,7 @@ def selection_priority(scores: torch.Tensor, old_len: torch.Tensor, count: torch
     elif policy == "window":
         priority = positions.to(torch.float32).expand_as(scores)
         priority = priority.masked_fill(positions < SINK_TOKENS, float("inf"))
-    elif policy == "pillar":
+    elif policy in ("pillar", "pillar_block"):
         return pillar_priority(scores, old_len, count)
     else:
         raise ValueError(f"unknown selection policy {policy!r}")

@@ -157,12 +157,18 @@ def _tile_rows(qi0, n, q0, kv, h, G: tl.constexpr, QPT: tl.constexpr, BLOCK_M: t
 @triton.jit
 def _attend(
     acc, m_i, l_i, q, qpos, start, end, k_base, v_base, stride_ks, stride_vs, bt_row, sel_row, cnt, tail, qk_scale,
+    blse_rows, blse_ok,
     D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SELECTED: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SELECTED: tl.constexpr, MASKED: tl.constexpr, SCORE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax over virtual KV indices [start, end): selected positions or the tail.
     Unmasked calls get whole blocks of the tail that every query of the tile sees, so they skip
-    the bounds and causal masks."""
+    the bounds and causal masks.
+
+    With ``SCORE_BLOCK > 0`` (full rows only, where index = position), query rows where
+    ``blse_ok`` holds also store, per aligned block of SCORE_BLOCK positions, the base-2
+    log-sum-exp of their logits at ``blse_rows + block``: the block's attention mass once the
+    row's final log-sum-exp is known, without a second read of K."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < D
@@ -195,6 +201,11 @@ def _attend(
             m_ref = m_new
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(s - m_ref[:, None])
+        if SCORE_BLOCK > 0:
+            part = tl.sum(tl.reshape(p, [p.shape[0], BLOCK_N // SCORE_BLOCK, SCORE_BLOCK]), axis=2)
+            b = blk // SCORE_BLOCK + tl.arange(0, BLOCK_N // SCORE_BLOCK)
+            tl.store(blse_rows[:, None] + b[None, :], m_ref[:, None] + tl.log2(part),
+                     mask=blse_ok[:, None] & (b * SCORE_BLOCK < end)[None, :])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -203,15 +214,15 @@ def _attend(
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, blse_ptr,
     q_start_ptr, q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr, score_row_ptr,
     bt_ptr, sel_ptr,
-    R, SEL_WIDTH, TARGET, FIXED_CHUNK, qk_scale,
+    R, SEL_WIDTH, TARGET, FIXED_CHUNK, NUM_SCORE_BLOCKS, qk_scale,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh,
     stride_bt, stride_sel_s, stride_sel_h,
     G: tl.constexpr, HKV: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, QPT: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, SPLIT_COST: tl.constexpr,
-    WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WRITE_LSE: tl.constexpr, SCORE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     item, row, h, tile, split, n, kv, tail, cnt, chunk, splits, part_start = _item(
         q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
@@ -244,15 +255,21 @@ def _attention_kernel(
     bt_row = bt_ptr + row.to(tl.int64) * stride_bt
     k_base = k_ptr + h * stride_kh
     v_base = v_ptr + h * stride_vh
+    blse_rows = blse_ptr + (token * HQ + head) * NUM_SCORE_BLOCKS
+    # A vector of the row's flag, not the scalar: Triton 3.9's interpreter rejects a store mask
+    # made of a bool vector and a bool scalar.
+    blse_ok = row_ok & (tl.full([BLOCK_M], 0, tl.int64) + tl.load(score_row_ptr + row) >= 0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, lo, sel_end, k_base, v_base, stride_ks, stride_vs, bt_row, sel_row,
-                            cnt, tail, qk_scale, D, D_PAD, PAGE, BLOCK_N, True, True, DOT_PRECISION)
+                            cnt, tail, qk_scale, blse_rows, blse_ok, D, D_PAD, PAGE, BLOCK_N, True, True, 0, DOT_PRECISION)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, free_lo, free_hi, k_base, v_base, stride_ks, stride_vs, bt_row, sel_row,
-                            cnt, tail, qk_scale, D, D_PAD, PAGE, BLOCK_N, False, False, DOT_PRECISION)
+                            cnt, tail, qk_scale, blse_rows, blse_ok, D, D_PAD, PAGE, BLOCK_N, False, False, SCORE_BLOCK,
+                            DOT_PRECISION)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, free_hi, hi, k_base, v_base, stride_ks, stride_vs, bt_row, sel_row,
-                            cnt, tail, qk_scale, D, D_PAD, PAGE, BLOCK_N, False, True, DOT_PRECISION)
+                            cnt, tail, qk_scale, blse_rows, blse_ok, D, D_PAD, PAGE, BLOCK_N, False, True, SCORE_BLOCK,
+                            DOT_PRECISION)
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse = m_i + tl.log2(l_i)  # base-2, in units of qk_scale; -inf where nothing was visible
@@ -297,15 +314,15 @@ def _final_lse(lse_ptr, part_lse_ptr, token, head, row_ok, part_rows, splits,
 
 @triton.jit
 def _finish_kernel(
-    q_ptr, k_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, scores_ptr,
+    q_ptr, k_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, scores_ptr, blse_ptr,
     q_start_ptr, q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr, score_row_ptr,
     bt_ptr,
-    R, SEL_WIDTH, TARGET, FIXED_CHUNK, SCORE_WIDTH, qk_scale,
+    R, SEL_WIDTH, TARGET, FIXED_CHUNK, SCORE_WIDTH, NUM_SCORE_BLOCKS, qk_scale,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_ot, stride_oh, stride_bt, stride_sc_v, stride_sc_h,
     G: tl.constexpr, HKV: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, QPT: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, SPLIT_COST: tl.constexpr,
     MERGE_GROUP: tl.constexpr, SCORE_M: tl.constexpr, SCORE_Q: tl.constexpr, WRITE_SCORES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    SCORE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Over the attention kernel's items: the first split of each split tile merges the tile's
     partials into the output; the items of a scored row (a full row) write the PillarAttn scores
@@ -367,10 +384,11 @@ def _finish_kernel(
             num_blocks = tl.cdiv(tl.maximum(tl.cdiv(hi - lo, BLOCK_N) - tile, 0), tiles)
             for t in range(0, tl.cdiv(n, SCORE_Q)):
                 row_ok, token, head, qpos = _tile_rows(t * SCORE_Q, n, q0, kv, h, G, SCORE_Q, SCORE_M)
-                q = tl.load(
-                    q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-                ).to(k_ptr.dtype.element_ty)
+                if SCORE_BLOCK == 0:
+                    q = tl.load(
+                        q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+                    ).to(k_ptr.dtype.element_ty)
                 # Where the attention kernel's tiles left each query's split partials.
                 qi = t * SCORE_Q + tl.arange(0, SCORE_M) // G
                 attn_tile = qi // QPT
@@ -378,15 +396,27 @@ def _finish_kernel(
                 lse = _final_lse(lse_ptr, part_lse_ptr, token, head, row_ok, part_rows, splits, HQ, HKV, BLOCK_M, 16)
                 # Backwards: the blocks the attention kernel read last are the likeliest still in L2.
                 for b in range(0, num_blocks):
-                    pos = lo + (tile + (num_blocks - 1 - b) * tiles) * BLOCK_N + offs_n
+                    first = lo + (tile + (num_blocks - 1 - b) * tiles) * BLOCK_N
+                    pos = first + offs_n
                     pos_ok = pos < hi
-                    page = tl.load(bt_row + pos // PAGE, mask=pos_ok, other=0)
-                    kv_slot = page.to(tl.int64) * PAGE + pos % PAGE
-                    k = tl.load(k_base + kv_slot[:, None] * stride_ks + offs_d[None, :],
-                                mask=pos_ok[:, None] & d_ok[None, :], other=0.0)
-                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-                    visible = row_ok[:, None] & pos_ok[None, :] & (pos[None, :] <= qpos[:, None])
-                    p = tl.sum(tl.where(visible, tl.exp2(s - lse[:, None]), 0.0), axis=0) * inv_count
+                    if SCORE_BLOCK > 0:
+                        # Each position gets an equal share of its block's mass, from the attention
+                        # kernel's block log-sum-exps: n x G values per block instead of K.
+                        blocks = first // SCORE_BLOCK + tl.arange(0, BLOCK_N // SCORE_BLOCK)
+                        start = blocks * SCORE_BLOCK
+                        visible = row_ok[:, None] & (start < hi)[None, :] & (start[None, :] <= qpos[:, None])
+                        x = tl.load(blse_ptr + ((token * HQ + head) * NUM_SCORE_BLOCKS)[:, None] + blocks[None, :],
+                                    mask=visible, other=float("-inf"))
+                        mass = tl.sum(tl.where(visible, tl.exp2(x - lse[:, None]), 0.0), axis=0) * (inv_count / SCORE_BLOCK)
+                        p = tl.reshape(tl.broadcast_to(mass[:, None], (BLOCK_N // SCORE_BLOCK, SCORE_BLOCK)), (BLOCK_N,))
+                    else:
+                        page = tl.load(bt_row + pos // PAGE, mask=pos_ok, other=0)
+                        kv_slot = page.to(tl.int64) * PAGE + pos % PAGE
+                        k = tl.load(k_base + kv_slot[:, None] * stride_ks + offs_d[None, :],
+                                    mask=pos_ok[:, None] & d_ok[None, :], other=0.0)
+                        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+                        visible = row_ok[:, None] & pos_ok[None, :] & (pos[None, :] <= qpos[:, None])
+                        p = tl.sum(tl.where(visible, tl.exp2(s - lse[:, None]), 0.0), axis=0) * inv_count
                     keep = pos_ok & (pos < SCORE_WIDTH)
                     # Later query tiles add to what the earlier ones stored.
                     p += tl.load(out_row + pos, mask=keep & (t > 0), other=0.0)
@@ -519,6 +549,12 @@ def paged_attention(
     qk_scale = scale * _LOG2E
     f32 = dict(dtype=torch.float32, device=query.device)
     lse = torch.empty(num_tokens, num_q_heads, **f32) if write_scores else out
+    score_block = ctx.score_block if write_scores and ctx.score_block > 1 else 0  # 0: per-position score pass
+    if score_block and (block_n % score_block or (split_tokens or 0) % score_block):
+        raise ValueError(f"score blocks of {score_block} positions must divide the KV block ({block_n}) and any split_tokens")
+    num_score_blocks = triton.cdiv(ctx.max_kv_len, score_block) if score_block else 0
+    # Block log-sum-exps of every query row (only scored rows' are written): [T, Hq, blocks].
+    blse = torch.empty(num_tokens * num_q_heads * num_score_blocks, **f32) if score_block else lse
     if may_split:
         part_o = torch.empty(num_kv_heads * max_split_units * block_m, d_pad, **f32)
         part_lse = torch.empty(num_kv_heads * max_split_units * block_m, **f32)
@@ -535,23 +571,23 @@ def paged_attention(
                   DOT_PRECISION=dot_precision)
 
     _attention_kernel[grid](
-        q, k_pool, v_pool, out, lse, part_o, part_lse, *rows, block_tables, selection,
-        *plan, qk_scale,
+        q, k_pool, v_pool, out, lse, part_o, part_lse, blse, *rows, block_tables, selection,
+        *plan, num_score_blocks, qk_scale,
         q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         out.stride(1), out.stride(2), block_tables.stride(0), selection.stride(0), selection.stride(1),
-        **shared, WRITE_LSE=write_scores, num_warps=warps, num_stages=num_stages or 2,
+        **shared, WRITE_LSE=write_scores, SCORE_BLOCK=score_block, num_warps=warps, num_stages=num_stages or 2,
     )
     if may_split or write_scores:
         scores = ctx.scores[:, layer] if write_scores else out  # [V, H, width]
         # Partials merged per step: as many as keep the loaded tiles near 64 fp32 values per thread.
         merge_group = max(1, min(8, 64 * 32 * 4 // (block_m * d_pad)))
         _finish_kernel[grid](
-            q, k_pool, out, lse, part_o, part_lse, scores, *rows, block_tables,
-            *plan, scores.shape[-1], qk_scale,
+            q, k_pool, out, lse, part_o, part_lse, scores, blse, *rows, block_tables,
+            *plan, scores.shape[-1], num_score_blocks, qk_scale,
             q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), out.stride(1), out.stride(2),
             block_tables.stride(0), scores.stride(0), scores.stride(1),
             **shared, MERGE_GROUP=merge_group, SCORE_M=tiles.score_m, SCORE_Q=tiles.score_m // group,
-            WRITE_SCORES=write_scores, num_warps=4, num_stages=2,
+            WRITE_SCORES=write_scores, SCORE_BLOCK=score_block, num_warps=4, num_stages=2,
         )
     return out
 

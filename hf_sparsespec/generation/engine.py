@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from ..attention.context import SelectionMass
-from ..attention.selection import needs_scores, select_tokens
+from ..attention.selection import needs_scores, score_block, select_tokens
 from ..cache.paged_cache import PagedKVCache
 from ..config import SparseSpecConfig
 from .request import Request, RowKind
@@ -125,7 +125,8 @@ class Engine:
         # Rounds may overshoot the committed length by a full draft before their pages are trimmed.
         self.max_kv = max_context + k + 1
         self.page_table = SlotPageTable(cache, num_slots + 1, cache.pages_for(self.max_kv))
-        self.runner = ModelRunner(model, cache, self.round_tokens, self.selection, self.sel_count, self.page_table, use_triton)
+        self.runner = ModelRunner(model, cache, self.round_tokens, self.selection, self.sel_count, self.page_table, use_triton,
+                                  score_block(self.config.selection))
         if config.check_finite:
             self.runner.nonfinite = torch.zeros(cache.num_layers + 1, dtype=torch.bool, device=device)
         self.use_graphs = use_graphs

@@ -67,11 +67,13 @@ class ModelRunner:
         sel_count: torch.Tensor,
         page_table: SlotPageTable,
         use_triton: bool,
+        score_block: int = 1,
     ) -> None:
         self.model, self.cache = model, cache
         self.round_tokens, self.selection, self.sel_count = round_tokens, selection, sel_count
         self.page_table = page_table
         self.use_triton = use_triton
+        self.score_block = score_block  # granularity of verification scores, see StepContext
         # With the Triton kernels, the model's RMSNorms and rotary embeddings run fused too
         # (each verified against the model's own code first).
         self.fused = [FusedNorms(model), FusedRotary(model)] if use_triton else []
@@ -113,6 +115,7 @@ class ModelRunner:
             scores=scores,
             max_kv_len=max_kv,
             use_triton=self.use_triton,
+            score_block=self.score_block,
             selection_mass=self.selection_mass,
             fresh_prefill_rows=fresh_prefill_rows,
             nonfinite=self.nonfinite,
