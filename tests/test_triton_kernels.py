@@ -365,11 +365,11 @@ def _check_fused_norms(_case):
 # specialises head-dim multiples, so this is the vectorised code path the GPU gets.
 SM90_KERNELS = {
     "attention_decode": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, WRITE_LSE=True, SCORE_BLOCK=0,
-                                                   SCORE_COLS=16, DOT_PRECISION="tf32"), 4),
+                                                   DOT_PRECISION="tf32"), 4),
     "attention_decode_block_scores": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, WRITE_LSE=True,
-                                                                SCORE_BLOCK=16, SCORE_COLS=16, DOT_PRECISION="tf32"), 4),
+                                                                SCORE_BLOCK=16, DOT_PRECISION="tf32"), 4),
     "attention_prefill": ("_attention_kernel", dict(BLOCK_M=128, QPT=32, PAGE=1, BLOCK_N=64, WRITE_LSE=False, SCORE_BLOCK=0,
-                                                    SCORE_COLS=16, DOT_PRECISION="tf32"), 8),
+                                                    DOT_PRECISION="tf32"), 8),
     "finish": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, MERGE_GROUP=4, SCORE_M=64, SCORE_Q=16,
                                       WRITE_SCORES=True, SCORE_BLOCK=0, DOT_PRECISION="tf32"), 4),
     "finish_block_scores": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, MERGE_GROUP=4, SCORE_M=64,

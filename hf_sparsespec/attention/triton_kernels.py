@@ -159,8 +159,7 @@ def _attend(
     acc, m_i, l_i, q, qpos, start, end, k_base, v_base, stride_ks, stride_vs, bt_row, sel_row, cnt, tail, qk_scale,
     blse_rows, blse_ok,
     D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SELECTED: tl.constexpr, MASKED: tl.constexpr, SCORE_BLOCK: tl.constexpr, SCORE_COLS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    SELECTED: tl.constexpr, MASKED: tl.constexpr, SCORE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax over virtual KV indices [start, end): selected positions or the tail.
     Unmasked calls get whole blocks of the tail that every query of the tile sees, so they skip
@@ -173,11 +172,6 @@ def _attend(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < D
-    if SCORE_BLOCK > 0:
-        # Block sums as a product with a 0/1 matrix (SCORE_COLS >= 16 columns for tl.dot, the
-        # first BLOCK_N / SCORE_BLOCK real): a reshape and sum would convert layouts every block.
-        cols = tl.arange(0, SCORE_COLS)
-        member = ((offs_n[:, None] // SCORE_BLOCK) == cols[None, :]).to(tl.float32)
     for blk in range(start, end, BLOCK_N):
         j = blk + offs_n
         if MASKED:
@@ -208,10 +202,10 @@ def _attend(
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(s - m_ref[:, None])
         if SCORE_BLOCK > 0:
-            part = tl.dot(p, member, input_precision="ieee")
-            b = blk // SCORE_BLOCK + cols
+            part = tl.sum(tl.reshape(p, [p.shape[0], BLOCK_N // SCORE_BLOCK, SCORE_BLOCK]), axis=2)
+            b = blk // SCORE_BLOCK + tl.arange(0, BLOCK_N // SCORE_BLOCK)
             tl.store(blse_rows[:, None] + b[None, :], m_ref[:, None] + tl.log2(part),
-                     mask=blse_ok[:, None] & ((cols < BLOCK_N // SCORE_BLOCK) & (b * SCORE_BLOCK < end))[None, :])
+                     mask=blse_ok[:, None] & (b * SCORE_BLOCK < end)[None, :])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -228,7 +222,7 @@ def _attention_kernel(
     stride_bt, stride_sel_s, stride_sel_h,
     G: tl.constexpr, HKV: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, QPT: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, SPLIT_COST: tl.constexpr,
-    WRITE_LSE: tl.constexpr, SCORE_BLOCK: tl.constexpr, SCORE_COLS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WRITE_LSE: tl.constexpr, SCORE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     item, row, h, tile, split, n, kv, tail, cnt, chunk, splits, part_start = _item(
         q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
@@ -269,23 +263,13 @@ def _attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, lo, sel_end, k_base, v_base, stride_ks, stride_vs, bt_row, sel_row,
-                            cnt, tail, qk_scale, blse_rows, blse_ok, D, D_PAD, PAGE, BLOCK_N, True, True, 0, SCORE_COLS,
+                            cnt, tail, qk_scale, blse_rows, blse_ok, D, D_PAD, PAGE, BLOCK_N, True, True, 0, DOT_PRECISION)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, free_lo, free_hi, k_base, v_base, stride_ks, stride_vs, bt_row, sel_row,
+                            cnt, tail, qk_scale, blse_rows, blse_ok, D, D_PAD, PAGE, BLOCK_N, False, False, SCORE_BLOCK,
                             DOT_PRECISION)
-    # Block log-sum-exps cost work in the inner loop: only scored rows' programs run that loop.
-    if (SCORE_BLOCK > 0) & (tl.load(score_row_ptr + row) >= 0):
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, free_lo, free_hi, k_base, v_base, stride_ks, stride_vs, bt_row,
-                                sel_row, cnt, tail, qk_scale, blse_rows, blse_ok, D, D_PAD, PAGE, BLOCK_N, False, False,
-                                SCORE_BLOCK, SCORE_COLS, DOT_PRECISION)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, free_hi, hi, k_base, v_base, stride_ks, stride_vs, bt_row,
-                                sel_row, cnt, tail, qk_scale, blse_rows, blse_ok, D, D_PAD, PAGE, BLOCK_N, False, True,
-                                SCORE_BLOCK, SCORE_COLS, DOT_PRECISION)
-    else:
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, free_lo, free_hi, k_base, v_base, stride_ks, stride_vs, bt_row,
-                                sel_row, cnt, tail, qk_scale, blse_rows, blse_ok, D, D_PAD, PAGE, BLOCK_N, False, False,
-                                0, SCORE_COLS, DOT_PRECISION)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, free_hi, hi, k_base, v_base, stride_ks, stride_vs, bt_row,
-                                sel_row, cnt, tail, qk_scale, blse_rows, blse_ok, D, D_PAD, PAGE, BLOCK_N, False, True,
-                                0, SCORE_COLS, DOT_PRECISION)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, free_hi, hi, k_base, v_base, stride_ks, stride_vs, bt_row, sel_row,
+                            cnt, tail, qk_scale, blse_rows, blse_ok, D, D_PAD, PAGE, BLOCK_N, False, True, SCORE_BLOCK,
+                            DOT_PRECISION)
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse = m_i + tl.log2(l_i)  # base-2, in units of qk_scale; -inf where nothing was visible
@@ -591,8 +575,7 @@ def paged_attention(
         *plan, num_score_blocks, qk_scale,
         q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         out.stride(1), out.stride(2), block_tables.stride(0), selection.stride(0), selection.stride(1),
-        **shared, WRITE_LSE=write_scores, SCORE_BLOCK=score_block,
-        SCORE_COLS=max(16, block_n // score_block) if score_block else 16, num_warps=warps, num_stages=num_stages or 2,
+        **shared, WRITE_LSE=write_scores, SCORE_BLOCK=score_block, num_warps=warps, num_stages=num_stages or 2,
     )
     if may_split or write_scores:
         scores = ctx.scores[:, layer] if write_scores else out  # [V, H, width]
