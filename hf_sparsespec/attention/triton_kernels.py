@@ -16,7 +16,8 @@ programs past the real items return at once.
 Two launches: the attention kernel writes final outputs of unsplit rows and per-split partials
 of split rows; the finish kernel, over the same items, merges the partials and computes the
 PillarAttn scores of verification rows, which need the final log-sum-exp and so a second look
-at K.
+at K; or, for block-granular scores (``ctx.score_block``), combines the per-block log-sum-exps
+that the attention kernel stored during its pass, and reads no K.
 
 Occupancy decides decode speed: Triton keeps one K/V block in flight per program, so HBM is
 kept busy by resident programs, and registers bound those (an 8-warp 64-row tile used 229
