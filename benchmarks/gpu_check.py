@@ -36,6 +36,8 @@ def prompts(tok, count: int, length: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, default=Path("gpu_check_out"))
+    p.add_argument("--selection", default="pillar", help="the selection policy of every sparsespec call")
+    p.add_argument("--fp32-only", action="store_true", help="stop after the float32 greedy comparison")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {}
@@ -45,16 +47,20 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(BENCH_MODEL, dtype=torch.float32).cuda().eval()
     ref = model.generate(**enc, max_new_tokens=300, do_sample=False)
     out = model.generate(**enc, max_new_tokens=300, do_sample=False, custom_generate=hf_sparsespec.generate,
-                         return_dict_in_generate=True)
+                         return_dict_in_generate=True, selection=args.selection)
+    report["selection"] = args.selection
     report["fp32_greedy_identical"] = bool(torch.equal(ref, out.sequences))
     report["fp32_rows_identical"] = [bool(torch.equal(a, b)) for a, b in zip(ref, out.sequences)]
     report["fp32_stats"] = out.spec_stats
     print("fp32 greedy identical:", report["fp32_greedy_identical"], out.spec_stats, flush=True)
+    if args.fp32_only:
+        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+        return
 
     model = model.to(torch.bfloat16)
     ref = model.generate(**enc, max_new_tokens=300, do_sample=False)
     out = model.generate(**enc, max_new_tokens=300, do_sample=False, custom_generate=hf_sparsespec.generate,
-                         return_dict_in_generate=True)
+                         return_dict_in_generate=True, selection=args.selection)
     width = enc["input_ids"].shape[1]
     prefix = []
     for a, b in zip(ref[:, width:], out.sequences[:, width:]):
@@ -65,7 +71,7 @@ def main() -> None:
 
     # Steady-state syncs: a warm second call, every synchronising CUDA call reported as a warning.
     sampling = dict(do_sample=True, temperature=0.6, max_new_tokens=200, custom_generate=hf_sparsespec.generate,
-                    return_dict_in_generate=True)
+                    return_dict_in_generate=True, selection=args.selection)
     model.generate(**enc, **sampling)
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
