@@ -381,6 +381,13 @@ SM90_KERNELS = {
 
 
 def _compile_sm90(name: str) -> dict:
+    compile_sm90(*SM90_KERNELS[name])
+    return {"compiled": True}
+
+
+def compile_sm90(kernel_name: str, constexprs: dict, warps: int, stages: int = 2) -> None:
+    """Compile one kernel for sm_90 without a GPU (the attention kernels at Qwen3-8B's shapes);
+    ``TRITON_DUMP_PTXAS_LOG=1`` prints its register and spill counts (benchmarks/kernel_registers.py)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -388,7 +395,6 @@ def _compile_sm90(name: str) -> dict:
     from hf_sparsespec.attention import triton_kernels
     from hf_sparsespec.generation import fused_norm, fused_rotary
 
-    kernel_name, constexprs, warps = SM90_KERNELS[name]
     fn = getattr(triton_kernels, kernel_name, None) or getattr(fused_norm, kernel_name, None) or getattr(fused_rotary, kernel_name)
     if kernel_name in ("_attention_kernel", "_finish_kernel"):  # Qwen3-8B: 32 query heads over 8 KV heads of 128
         constexprs = dict(G=4, HKV=8, HQ=32, D=128, D_PAD=128, R_PAD=256, SPLIT_COST=16, **constexprs)
@@ -407,8 +413,7 @@ def _compile_sm90(name: str) -> dict:
             if arg.startswith("stride_") and not arg.startswith(("stride_bt", "stride_sel", "stride_sc")):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": warps, "num_stages": 2})
-    return {"compiled": True}
+                   options={"num_warps": warps, "num_stages": stages})
 
 
 def _child(names: list[str]) -> None:
