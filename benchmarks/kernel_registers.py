@@ -25,11 +25,17 @@ THREADS_PER_SM = 2048
 
 DECODE = dict(PAGE=16, WRITE_LSE=True, DOT_PRECISION="tf32")
 FINISH = dict(PAGE=16, MERGE_GROUP=4, SCORE_M=64, SCORE_Q=16, WRITE_SCORES=True, DOT_PRECISION="tf32")
-# name: (kernel, constexprs, warps)
+# name: (kernel, constexprs, warps[, register cap per thread: paged_attention's max_registers])
 CONFIGS = {
     "attention 16-row tile, 64-position blocks (decode default)": (
         "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=0, **DECODE), 4),
     "attention 16-row tile, block scores (pillar_block)": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=16, **DECODE), 4),
+    "attention 16-row tile, capped at 128 registers": (
+        "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=0, **DECODE), 4, 128),
+    "attention 16-row tile, block scores, capped at 168": (
+        "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=16, **DECODE), 4, 168),
+    "attention 16-row tile, block scores, capped at 128": (
+        "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=16, **DECODE), 4, 128),
     "attention 64-row tile, 8 warps": ("_attention_kernel", dict(BLOCK_M=64, QPT=16, BLOCK_N=64, SCORE_BLOCK=0, **DECODE), 8),
     "attention 64-row tile, 4 warps": ("_attention_kernel", dict(BLOCK_M=64, QPT=16, BLOCK_N=64, SCORE_BLOCK=0, **DECODE), 4),
     "attention 64-row tile, 32-position blocks, 8 warps": (
@@ -48,11 +54,11 @@ compile_sm90(*json.loads(sys.argv[1]))
 """
 
 
-def measure(kernel: str, constexprs: dict, warps: int) -> dict:
+def measure(kernel: str, constexprs: dict, warps: int, max_registers: int | None = None) -> dict:
     env = {**os.environ, "TRITON_DUMP_PTXAS_LOG": "1", "TRITON_ALWAYS_COMPILE": "1"}
     env.pop("TRITON_INTERPRET", None)
     code = CHILD.format(root=str(ROOT), tests=str(ROOT / "tests"))
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps([kernel, constexprs, warps])],
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps([kernel, constexprs, warps, 2, max_registers])],
                           capture_output=True, text=True, env=env, timeout=600)
     log = proc.stdout + proc.stderr
     regs = re.search(r"Used (\d+) registers", log)
@@ -62,7 +68,7 @@ def measure(kernel: str, constexprs: dict, warps: int) -> dict:
     registers = int(regs.group(1))
     threads = 32 * warps
     return {
-        "kernel": kernel, "warps": warps, "registers": registers,
+        "kernel": kernel, "warps": warps, "max_registers": max_registers, "registers": registers,
         "spill_store_bytes": int(spills.group(1)) if spills else None,
         "spill_load_bytes": int(spills.group(2)) if spills else None,
         "programs_per_sm": min(REGISTERS_PER_SM // (registers * threads), THREADS_PER_SM // threads),
@@ -78,8 +84,8 @@ def main() -> None:
     results = {"triton": triton.__version__, "configs": {}}
     print(f"Triton {triton.__version__}, sm_90, Qwen3-8B shapes (D=128, G=4)")
     print(f"{'configuration':58s} {'warps':>5s} {'regs':>5s} {'spills':>7s} {'programs/SM':>11s}")
-    for name, (kernel, constexprs, warps) in CONFIGS.items():
-        row = measure(kernel, constexprs, warps)
+    for name, (kernel, constexprs, warps, *cap) in CONFIGS.items():
+        row = measure(kernel, constexprs, warps, *cap)
         results["configs"][name] = {"constexprs": constexprs, **row}
         if "error" in row:
             print(f"{name:58s} error: {row['error'][-300:]}")

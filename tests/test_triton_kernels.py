@@ -368,6 +368,9 @@ SM90_KERNELS = {
                                                    DOT_PRECISION="tf32"), 4),
     "attention_decode_block_scores": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, WRITE_LSE=True,
                                                                 SCORE_BLOCK=16, DOT_PRECISION="tf32"), 4),
+    # paged_attention(max_registers=128): 4 resident programs per SM instead of 3, for a few spills.
+    "attention_decode_128_registers": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, WRITE_LSE=True,
+                                                                 SCORE_BLOCK=0, DOT_PRECISION="tf32"), 4, 2, 128),
     "attention_prefill": ("_attention_kernel", dict(BLOCK_M=128, QPT=32, PAGE=1, BLOCK_N=64, WRITE_LSE=False, SCORE_BLOCK=0,
                                                     DOT_PRECISION="tf32"), 8),
     "finish": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, MERGE_GROUP=4, SCORE_M=64, SCORE_Q=16,
@@ -385,7 +388,7 @@ def _compile_sm90(name: str) -> dict:
     return {"compiled": True}
 
 
-def compile_sm90(kernel_name: str, constexprs: dict, warps: int, stages: int = 2) -> None:
+def compile_sm90(kernel_name: str, constexprs: dict, warps: int, stages: int = 2, max_registers: int | None = None) -> None:
     """Compile one kernel for sm_90 without a GPU (the attention kernels at Qwen3-8B's shapes);
     ``TRITON_DUMP_PTXAS_LOG=1`` prints its register and spill counts (benchmarks/kernel_registers.py)."""
     import triton
@@ -413,7 +416,8 @@ def compile_sm90(kernel_name: str, constexprs: dict, warps: int, stages: int = 2
             if arg.startswith("stride_") and not arg.startswith(("stride_bt", "stride_sel", "stride_sc")):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": warps, "num_stages": stages})
+                   options={"num_warps": warps, "num_stages": stages,
+                            **({"maxnreg": max_registers} if max_registers else {})})
 
 
 def _child(names: list[str]) -> None:

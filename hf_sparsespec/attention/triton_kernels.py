@@ -491,6 +491,7 @@ def paged_attention(
     split_tokens: int | None = None,
     num_stages: int | None = None,
     num_warps: int | None = None,
+    max_registers: int | None = None,
 ) -> torch.Tensor:
     """PillarAttn over the paged pool for a packed batch of full and draft rows; (1, T, Hq, D).
 
@@ -504,10 +505,11 @@ def paged_attention(
         ctx: the step's metadata; ``ctx.max_kv_len`` must bound every ``kv_len``.
         layer: index into ``ctx.selection`` and ``ctx.scores``.
         scale: softmax scale applied to Q K^T.
-        block_m, block_n, target_items, split_tokens, num_stages, num_warps: tuning overrides for
-            benchmarks and tests (query-tile rows, KV block, items the split sizing aims at, a fixed
-            number of KV positions per split, the attention kernel's pipeline stages and warps); by
-            default chosen from the shapes and, for the split size, from the step's work on the device.
+        block_m, block_n, target_items, split_tokens, num_stages, num_warps, max_registers: tuning
+            overrides for benchmarks and tests (query-tile rows, KV block, items the split sizing aims
+            at, a fixed number of KV positions per split, the attention kernel's pipeline stages,
+            warps and registers per thread, CUDA only); by default chosen from the shapes and, for
+            the split size, from the step's work on the device.
     """
     _, num_q_heads, num_tokens, head_dim = query.shape
     num_rows = ctx.q_len.shape[0]
@@ -577,6 +579,8 @@ def paged_attention(
         q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         out.stride(1), out.stride(2), block_tables.stride(0), selection.stride(0), selection.stride(1),
         **shared, WRITE_LSE=write_scores, SCORE_BLOCK=score_block, num_warps=warps, num_stages=num_stages or 2,
+        # Fewer registers, more resident programs (benchmarks/kernel_registers.py); ptxas spills past the cap.
+        **({"maxnreg": max_registers} if max_registers else {}),
     )
     if may_split or write_scores:
         scores = ctx.scores[:, layer] if write_scores else out  # [V, H, width]
