@@ -112,10 +112,9 @@ GRIDS = {
         "pillar + dense last layer": dict(policy="pillar", dense=[7]),
         "pillar, layer 0 tail only": dict(policy="pillar", tail_only=[0]),
     },
-    # Block-granular scores (pillar_priority's ``block``): each position scores its aligned block's attention mass. A kernel can
-    # compute block masses inside the attention pass (per query, the block's log-sum-exp; combined
-    # with the row's final log-sum-exp afterwards) instead of re-reading K in a score pass, and
-    # Top-K over blocks is 16x smaller. Worth building only if acceptance holds up.
+    # Block-granular scores (pillar_priority's ``block``): each position scores its aligned block's
+    # attention mass, which the kernels sum inside the attention pass instead of re-reading K in a
+    # score pass. "block16+pool" is selection="pillar_block".
     "block": {
         "window": "window",
         "pillar": knobs(8, 1, 0.5),
