@@ -101,6 +101,7 @@ GRIDS = {
         "window": "window",
         "back8ahead1+recent0.5": knobs(8, 1, 0.5),
         "back8ahead1+recent0.75": knobs(8, 1, 0.75),
+        "back8ahead1+recent0.25": knobs(8, 1, 0.25),
     },
     # Does acceptance hinge on particular layers' sparsity? Default pillar selection, but in the
     # listed layers the draft rows read every cached position ("dense"), or no selected position,
