@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 REGISTERS_PER_SM = 65536
 THREADS_PER_SM = 2048
+SHARED_PER_SM = 228 * 1024  # sm_90; each resident program also takes 1 KiB reserved by the driver
 
 DECODE = dict(PAGE=16, WRITE_LSE=True, DOT_PRECISION="tf32")
 FINISH = dict(PAGE=16, MERGE_GROUP=4, SCORE_M=64, SCORE_Q=16, WRITE_SCORES=True, DOT_PRECISION="tf32")
@@ -32,6 +33,12 @@ CONFIGS = {
     "attention 16-row tile, block scores (pillar_block)": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=16, **DECODE), 4),
     "attention 16-row tile, capped at 128 registers": (
         "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=0, **DECODE), 4, 128),
+    "attention 16-row tile, capped at 104 registers": (
+        "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=0, **DECODE), 4, 104),
+    "attention 16-row tile, capped at 96 registers": (
+        "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=0, **DECODE), 4, 96),
+    "attention 16-row tile, capped at 80 registers": (
+        "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=0, **DECODE), 4, 80),
     "attention 16-row tile, block scores, capped at 168": (
         "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=16, **DECODE), 4, 168),
     "attention 16-row tile, block scores, capped at 128": (
@@ -44,13 +51,15 @@ CONFIGS = {
         "_attention_kernel", dict(BLOCK_M=64, QPT=16, BLOCK_N=32, SCORE_BLOCK=0, **DECODE), 4),
     "finish, 16-row tiles (score pass)": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=0, **FINISH), 4),
     "finish, block scores (pillar_block)": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=16, **FINISH), 4),
+    "finish, 16-row tiles, capped at 168": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=0, **FINISH), 4, 168),
+    "finish, 16-row tiles, capped at 128": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=0, **FINISH), 4, 128),
 }
 
 CHILD = """
 import json, sys
 sys.path[:0] = [{root!r}, {tests!r}]
 from test_triton_kernels import compile_sm90
-compile_sm90(*json.loads(sys.argv[1]))
+print("shared bytes", compile_sm90(*json.loads(sys.argv[1])).metadata.shared)
 """
 
 
@@ -63,15 +72,18 @@ def measure(kernel: str, constexprs: dict, warps: int, max_registers: int | None
     log = proc.stdout + proc.stderr
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    if proc.returncode != 0 or regs is None:
+    shared = re.search(r"shared bytes (\d+)", log)
+    if proc.returncode != 0 or regs is None or shared is None:
         return {"error": log[-2000:]}
-    registers = int(regs.group(1))
+    registers, shared_bytes = int(regs.group(1)), int(shared.group(1))
     threads = 32 * warps
     return {
         "kernel": kernel, "warps": warps, "max_registers": max_registers, "registers": registers,
         "spill_store_bytes": int(spills.group(1)) if spills else None,
         "spill_load_bytes": int(spills.group(2)) if spills else None,
-        "programs_per_sm": min(REGISTERS_PER_SM // (registers * threads), THREADS_PER_SM // threads),
+        "shared_bytes": shared_bytes,
+        "programs_per_sm": min(REGISTERS_PER_SM // (registers * threads), THREADS_PER_SM // threads,
+                               SHARED_PER_SM // (shared_bytes + 1024)),
     }
 
 
@@ -83,7 +95,7 @@ def main() -> None:
 
     results = {"triton": triton.__version__, "configs": {}}
     print(f"Triton {triton.__version__}, sm_90, Qwen3-8B shapes (D=128, G=4)")
-    print(f"{'configuration':58s} {'warps':>5s} {'regs':>5s} {'spills':>7s} {'programs/SM':>11s}")
+    print(f"{'configuration':58s} {'warps':>5s} {'regs':>5s} {'spills':>7s} {'shared':>7s} {'programs/SM':>11s}")
     for name, (kernel, constexprs, warps, *cap) in CONFIGS.items():
         row = measure(kernel, constexprs, warps, *cap)
         results["configs"][name] = {"constexprs": constexprs, **row}
@@ -91,7 +103,7 @@ def main() -> None:
             print(f"{name:58s} error: {row['error'][-300:]}")
             continue
         spills = row["spill_store_bytes"] + row["spill_load_bytes"] if row["spill_store_bytes"] is not None else "?"
-        print(f"{name:58s} {warps:5d} {row['registers']:5d} {spills!s:>7s} {row['programs_per_sm']:11d}")
+        print(f"{name:58s} {warps:5d} {row['registers']:5d} {spills!s:>7s} {row['shared_bytes']:7d} {row['programs_per_sm']:11d}")
     args.out.write_text(json.dumps(results, indent=1))
 
 

@@ -388,9 +388,10 @@ def _compile_sm90(name: str) -> dict:
     return {"compiled": True}
 
 
-def compile_sm90(kernel_name: str, constexprs: dict, warps: int, stages: int = 2, max_registers: int | None = None) -> None:
-    """Compile one kernel for sm_90 without a GPU (the attention kernels at Qwen3-8B's shapes);
-    ``TRITON_DUMP_PTXAS_LOG=1`` prints its register and spill counts (benchmarks/kernel_registers.py)."""
+def compile_sm90(kernel_name: str, constexprs: dict, warps: int, stages: int = 2, max_registers: int | None = None):
+    """Compile one kernel for sm_90 without a GPU (the attention kernels at Qwen3-8B's shapes) and
+    return it; ``TRITON_DUMP_PTXAS_LOG=1`` prints its register and spill counts, ``.metadata.shared``
+    holds its shared memory (benchmarks/kernel_registers.py)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -415,7 +416,7 @@ def compile_sm90(kernel_name: str, constexprs: dict, warps: int, stages: int = 2
             signature[arg] = "fp32" if arg in ("qk_scale", "eps") else "i32"
             if arg.startswith("stride_") and not arg.startswith(("stride_bt", "stride_sel", "stride_sc")):
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": warps, "num_stages": stages,
                             **({"maxnreg": max_registers} if max_registers else {})})
 

@@ -49,6 +49,11 @@ _ITEMS_PER_SM = 8
 _SPLIT_COST = 16
 # Cap on the fp32 split partials allocated per call (the item target shrinks to fit).
 _PARTIAL_BYTES = 64 << 20
+# Registers per thread of 16-row (decode) attention tiles. Uncapped they take 156 (190 with block
+# scores): 3 (2) programs per SM; at 128, 4 fit for a few bytes of spills. On the H200 that was
+# faster for head dim 128 (verification b32 8k -7%, with block scores -24%; unified b128 -7% / -28%)
+# and neutral for head dim 64 (benchmarks/results/h200/session6).
+_DECODE_MAX_REGISTERS = 128
 
 
 @functools.lru_cache(maxsize=None)
@@ -492,6 +497,7 @@ def paged_attention(
     num_stages: int | None = None,
     num_warps: int | None = None,
     max_registers: int | None = None,
+    finish_max_registers: int | None = None,
 ) -> torch.Tensor:
     """PillarAttn over the paged pool for a packed batch of full and draft rows; (1, T, Hq, D).
 
@@ -505,11 +511,13 @@ def paged_attention(
         ctx: the step's metadata; ``ctx.max_kv_len`` must bound every ``kv_len``.
         layer: index into ``ctx.selection`` and ``ctx.scores``.
         scale: softmax scale applied to Q K^T.
-        block_m, block_n, target_items, split_tokens, num_stages, num_warps, max_registers: tuning
-            overrides for benchmarks and tests (query-tile rows, KV block, items the split sizing aims
-            at, a fixed number of KV positions per split, the attention kernel's pipeline stages,
-            warps and registers per thread, CUDA only); by default chosen from the shapes and, for
-            the split size, from the step's work on the device.
+        block_m, block_n, target_items, split_tokens, num_stages, num_warps, max_registers,
+            finish_max_registers: tuning overrides for benchmarks and tests (query-tile rows, KV
+            block, items the split sizing aims at, a fixed number of KV positions per split, the
+            attention kernel's pipeline stages, warps and registers per thread, and the finish
+            kernel's registers per thread; register caps apply on CUDA only, 0 lifts the default
+            one); by default chosen from the shapes and, for the split size, from the step's work
+            on the device.
     """
     _, num_q_heads, num_tokens, head_dim = query.shape
     num_rows = ctx.q_len.shape[0]
@@ -573,6 +581,9 @@ def paged_attention(
                   BLOCK_M=block_m, QPT=qpt, BLOCK_N=block_n, R_PAD=_pow2(num_rows, 16), SPLIT_COST=_SPLIT_COST,
                   DOT_PRECISION=dot_precision)
 
+    if max_registers is None:
+        max_registers = _DECODE_MAX_REGISTERS if block_m == 16 else 0
+    on_gpu = query.device.type == "cuda"  # the interpreter takes no register cap
     _attention_kernel[grid](
         q, k_pool, v_pool, out, lse, part_o, part_lse, blse, *rows, block_tables, selection,
         *plan, num_score_blocks, qk_scale,
@@ -580,7 +591,7 @@ def paged_attention(
         out.stride(1), out.stride(2), block_tables.stride(0), selection.stride(0), selection.stride(1),
         **shared, WRITE_LSE=write_scores, SCORE_BLOCK=score_block, num_warps=warps, num_stages=num_stages or 2,
         # Fewer registers, more resident programs (benchmarks/kernel_registers.py); ptxas spills past the cap.
-        **({"maxnreg": max_registers} if max_registers else {}),
+        **({"maxnreg": max_registers} if max_registers and on_gpu else {}),
     )
     if may_split or write_scores:
         scores = ctx.scores[:, layer] if write_scores else out  # [V, H, width]
@@ -593,6 +604,7 @@ def paged_attention(
             block_tables.stride(0), scores.stride(0), scores.stride(1),
             **shared, MERGE_GROUP=merge_group, SCORE_M=tiles.score_m, SCORE_Q=tiles.score_m // group,
             WRITE_SCORES=write_scores, SCORE_BLOCK=score_block, num_warps=4, num_stages=2,
+            **({"maxnreg": finish_max_registers} if finish_max_registers and on_gpu else {}),
         )
     return out
 
