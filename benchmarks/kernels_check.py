@@ -414,14 +414,15 @@ def verify_sweep(results: dict) -> None:
     block = selection.SCORE_BLOCK
     for label, make in cases:
         batch = make()
-        want, want_scores = (None if t is None else t.clone() for t in run_attention(batch, max_registers=0))
+        want, want_scores = (None if t is None else t.clone() for t in run_attention(batch, max_registers=0, finish_max_registers=0))
         # Register caps trade a few spills for resident programs (benchmarks/kernel_registers.py:
         # uncapped, a 16-row tile takes 156 registers, 3 programs per SM; 128 fit 4, 96 fit 5;
-        # block scores take 190, i.e. 2). The default caps 16-row tiles at 128.
+        # block scores take 190, i.e. 2; the finish kernel 255, 2, and 3 at 168). The default caps
+        # 16-row tiles at 96 and their finish kernel at 168.
         variants = [
-            ("default (registers<=128)", batch, {}),
-            ("uncapped", batch, dict(max_registers=0)),
-            ("registers<=96", batch, dict(max_registers=96)),
+            ("default (registers<=96)", batch, {}),
+            ("uncapped", batch, dict(max_registers=0, finish_max_registers=0)),
+            ("registers<=128", batch, dict(max_registers=128)),
         ]
         blocks = None
         if want_scores is not None:
@@ -429,11 +430,11 @@ def verify_sweep(results: dict) -> None:
             want_blocks = selection.block_masses(want_scores.nan_to_num(0.0), block).repeat_interleave(block, -1)[..., :width] / block
             blocks = replace(batch, ctx=replace(batch.ctx, score_block=block))
             variants += [
-                ("finish registers<=168", batch, dict(finish_max_registers=168)),
+                ("finish uncapped", batch, dict(finish_max_registers=0)),
                 ("no scores", replace(batch, ctx=replace(batch.ctx, scores=None)), {}),
                 ("block scores", blocks, {}),
-                ("block scores, uncapped", blocks, dict(max_registers=0)),
-                ("block scores, registers<=96", blocks, dict(max_registers=96)),
+                ("block scores, uncapped", blocks, dict(max_registers=0, finish_max_registers=0)),
+                ("block scores, registers<=128", blocks, dict(max_registers=128)),
             ]
         if label == "unified b128 bench-shape":  # the headline's kernel: head dim 64, far from bandwidth
             sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
@@ -460,6 +461,48 @@ def verify_sweep(results: dict) -> None:
                 elif run is batch and want_scores is not None:
                     same = same and bool(torch.allclose(got_scores, want_scores, atol=1e-6, rtol=1e-3, equal_nan=True))
                 timing(results, name, run, "matches" if same else "MISMATCH", **overrides)
+            except Exception:
+                results["timing"][name] = {"error": traceback.format_exc(limit=4)}
+                print(f"[error] {name}: {results['timing'][name]['error'][-300:]}", flush=True)
+            save(results)
+        batch = None
+
+
+def tuning_sweep(results: dict) -> None:
+    """Tile and split knobs against the defaults (``--only tuning``), for the bench-code-lm heads
+    (the headline's kernels: mixed, draft-only and plain decode steps) and the Qwen3-8B shape's
+    mixed step; outputs are checked against the default's."""
+    gen = torch.Generator().manual_seed(3)
+    bf = torch.bfloat16
+    unified = ["verify"] * 14 + ["draft"] * 114
+    contexts = torch.randint(2000, 16384, (128,), generator=gen).tolist()
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    knobs = [
+        ("default", {}),
+        ("block_n=128", dict(block_n=128)),
+        ("2 items/SM", dict(target_items=2 * sms)),
+        ("4 items/SM", dict(target_items=4 * sms)),
+        ("block_n=128, 2 items/SM", dict(block_n=128, target_items=2 * sms)),
+        ("block_n=128, 4 items/SM", dict(block_n=128, target_items=4 * sms)),
+    ]
+    cases = [
+        ("unified b128 bench-shape", lambda: build("bench", bf, 16, decode_rows(unified, contexts), graph_like=True, tokens=256), knobs),
+        ("draft b128 bench-shape", lambda: build("bench", bf, 16, decode_rows(["draft"] * 128, contexts), graph_like=True, tokens=128), knobs),
+        ("full decode b128 16k bench-shape", lambda: build("bench", bf, 16, decode_rows(["full"] * 128, [16384] * 128), graph_like=True, tokens=128), knobs),
+        ("unified b128 2-16k", lambda: build("qwen3-8b", bf, 16, decode_rows(unified, contexts), graph_like=True, tokens=256), knobs[:4]),
+    ]
+    for label, make, variants in cases:
+        batch = make()
+        want = run_attention(batch)[0].clone()
+        for variant, overrides in variants:
+            name = f"{label} {variant}"
+            if time.monotonic() - START > TIME_BUDGET_S:
+                results["skipped"].append(name)
+                continue
+            try:
+                got = run_attention(batch, **overrides)[0]
+                same = bool(torch.allclose(got[0, batch.real].float(), want[0, batch.real].float(), atol=2e-2, rtol=0))
+                timing(results, name, batch, "matches" if same else "MISMATCH", **overrides)
             except Exception:
                 results["timing"][name] = {"error": traceback.format_exc(limit=4)}
                 print(f"[error] {name}: {results['timing'][name]['error'][-300:]}", flush=True)
@@ -544,7 +587,7 @@ def main() -> None:
     global OUT_FILE, TIME_BUDGET_S
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--only", choices=["verify-sweep"], help="run one section instead of the whole check")
+    parser.add_argument("--only", choices=["verify-sweep", "tuning"], help="run one section instead of the whole check")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     OUT_FILE = args.out / "kernels_check.json"
@@ -554,6 +597,9 @@ def main() -> None:
     if args.only == "verify-sweep":
         sections = [verify_sweep]
         TIME_BUDGET_S = 270  # 47 variants
+    elif args.only == "tuning":
+        sections = [tuning_sweep]
+        TIME_BUDGET_S = 150  # 22 variants
     for section in sections:
         try:
             section(results)

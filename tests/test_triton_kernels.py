@@ -368,13 +368,15 @@ SM90_KERNELS = {
                                                    DOT_PRECISION="tf32"), 4),
     "attention_decode_block_scores": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, WRITE_LSE=True,
                                                                 SCORE_BLOCK=16, DOT_PRECISION="tf32"), 4),
-    # paged_attention(max_registers=128): 4 resident programs per SM instead of 3, for a few spills.
-    "attention_decode_128_registers": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, WRITE_LSE=True,
-                                                                 SCORE_BLOCK=0, DOT_PRECISION="tf32"), 4, 2, 128),
+    # The register caps paged_attention puts on 16-row tiles: more resident programs, a few spills.
+    "attention_decode_96_registers": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, WRITE_LSE=True,
+                                                                SCORE_BLOCK=0, DOT_PRECISION="tf32"), 4, 2, 96),
     "attention_prefill": ("_attention_kernel", dict(BLOCK_M=128, QPT=32, PAGE=1, BLOCK_N=64, WRITE_LSE=False, SCORE_BLOCK=0,
                                                     DOT_PRECISION="tf32"), 8),
     "finish": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, MERGE_GROUP=4, SCORE_M=64, SCORE_Q=16,
                                       WRITE_SCORES=True, SCORE_BLOCK=0, DOT_PRECISION="tf32"), 4),
+    "finish_168_registers": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, MERGE_GROUP=4, SCORE_M=64, SCORE_Q=16,
+                                                    WRITE_SCORES=True, SCORE_BLOCK=0, DOT_PRECISION="tf32"), 4, 2, 168),
     "finish_block_scores": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, MERGE_GROUP=4, SCORE_M=64,
                                                    SCORE_Q=16, WRITE_SCORES=True, SCORE_BLOCK=16, DOT_PRECISION="tf32"), 4),
     "write_kv": ("_write_kv_kernel", dict(H=8, H_PAD=8, D=128, D_PAD=128), 4),

@@ -49,11 +49,15 @@ _ITEMS_PER_SM = 8
 _SPLIT_COST = 16
 # Cap on the fp32 split partials allocated per call (the item target shrinks to fit).
 _PARTIAL_BYTES = 64 << 20
-# Registers per thread of 16-row (decode) attention tiles. Uncapped they take 156 (190 with block
-# scores): 3 (2) programs per SM; at 128, 4 fit for a few bytes of spills. On the H200 that was
-# faster for head dim 128 (verification b32 8k -7%, with block scores -24%; unified b128 -7% / -28%)
-# and neutral for head dim 64 (benchmarks/results/h200/session6).
-_DECODE_MAX_REGISTERS = 128
+# Registers per thread of 16-row (decode) attention tiles, at head dim 128. Uncapped they take 156
+# (190 with block scores): 3 (2) programs per SM; at 96, 5 fit (shared memory allows no more) for
+# a few bytes of spills. On the H200 (benchmarks/results/h200/session6) that made unified b128
+# steps 10% faster (block scores 32%), draft steps 15%, plain decode 3%, and verification-only
+# steps 5% (a cap of 128 did a little better there and worse elsewhere).
+_DECODE_MAX_REGISTERS = 96
+# The finish kernel's, with 16-row tiles: uncapped 255 (2 programs per SM), at 168 three fit for a
+# few spills, which made verification and unified steps 7-19% faster.
+_FINISH_MAX_REGISTERS = 168
 
 
 @functools.lru_cache(maxsize=None)
@@ -581,8 +585,11 @@ def paged_attention(
                   BLOCK_M=block_m, QPT=qpt, BLOCK_N=block_n, R_PAD=_pow2(num_rows, 16), SPLIT_COST=_SPLIT_COST,
                   DOT_PRECISION=dot_precision)
 
+    decode_tiles = block_m == 16  # the caps were measured on these; prefill tiles keep their registers
     if max_registers is None:
-        max_registers = _DECODE_MAX_REGISTERS if block_m == 16 else 0
+        max_registers = _DECODE_MAX_REGISTERS if decode_tiles else 0
+    if finish_max_registers is None:
+        finish_max_registers = _FINISH_MAX_REGISTERS if decode_tiles else 0
     on_gpu = query.device.type == "cuda"  # the interpreter takes no register cap
     _attention_kernel[grid](
         q, k_pool, v_pool, out, lse, part_o, part_lse, blse, *rows, block_tables, selection,
