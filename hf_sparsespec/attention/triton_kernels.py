@@ -42,7 +42,9 @@ _LOG2E = 1.4426950408889634
 # Items the split sizing aims at, per SM. A program keeps one KV block in flight, so its time
 # is about proportional to its KV range, and the step lasts as long as its last item: several
 # items per resident program even out the end, while each extra split adds partials to merge.
+# Small heads (<= 64 dims) read little per block, so partials weigh more: half as many items.
 _ITEMS_PER_SM = 8
+_ITEMS_PER_SM_SMALL_HEADS = 4
 # A split must read at least this many KV positions per query row (of all the row's tiles): the
 # split's partial outputs (one fp32 row of D per query row, written and read back) then cost
 # about an eighth of its KV reads at most.
@@ -465,6 +467,7 @@ class _Tiles:
     block_m: int  # attention query-tile rows (queries x group heads)
     block_n: int  # KV positions per block
     score_m: int  # score-pass query-tile rows
+    items_per_sm: int  # what the split sizing aims at
 
 
 def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int) -> _Tiles:
@@ -475,15 +478,21 @@ def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int) -> _Tile
     per token) are memory bound, and what keeps HBM busy is loads in flight, i.e. resident
     programs: 16-row tiles keep registers and shared memory small enough for several per SM.
     A verification row spans a few such tiles; they run side by side and share its KV in L2.
-    The score pass, in contrast, reads K for every query of a row at once.
+    The score pass, in contrast, reads K for every query of a row at once. With heads of <= 64
+    dims, a decode program's 64-position block is too little work per loop iteration: 128-position
+    blocks and fewer splits made the bench-code-lm heads' decode, draft and mixed steps 13-32%
+    faster on the H200 (benchmarks/results/h200/session6).
     """
     block_n = 64 if d_pad <= 128 else 32
+    items_per_sm = _ITEMS_PER_SM
     if num_tokens > 2 * num_rows:
         block_m = 128 if d_pad <= 128 else 64
     else:
         block_m = 16
+        if d_pad <= 64:
+            block_n, items_per_sm = 128, _ITEMS_PER_SM_SMALL_HEADS
     small = _pow2(group, 16)
-    return _Tiles(max(block_m, small), block_n, max(min(64, _pow2(group * 16)), small))
+    return _Tiles(max(block_m, small), block_n, max(min(64, _pow2(group * 16)), small), items_per_sm)
 
 
 def paged_attention(
@@ -551,7 +560,7 @@ def paged_attention(
         per_row = triton.cdiv(ctx.max_kv_len + sel_width, split_tokens)
         target, max_units, max_split_units = 1, max_tiles * per_row, max_tiles * per_row
     else:
-        items = target_items or _ITEMS_PER_SM * _num_sms(query.device)
+        items = target_items or tiles.items_per_sm * _num_sms(query.device)
         target = max(1, min(items, _PARTIAL_BYTES // (2 * part_bytes)) // num_kv_heads)
         # Units past the tiles come from splits, each covering >= work / target positions; a split
         # row's splits number at most twice its work / chunk.
