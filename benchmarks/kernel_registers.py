@@ -28,7 +28,11 @@ DECODE = dict(PAGE=16, WRITE_LSE=True, DOT_PRECISION="tf32")
 FINISH = dict(PAGE=16, MERGE_GROUP=4, SCORE_M=64, SCORE_Q=16, WRITE_SCORES=True, DOT_PRECISION="tf32")
 # name: (kernel, constexprs, warps[, register cap per thread: paged_attention's max_registers])
 CONFIGS = {
-    "attention 16-row tile, 64-position blocks (decode default)": (
+    "attention 16-row tile, 128-position blocks, capped at 96 (decode default)": (
+        "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=128, SCORE_BLOCK=0, **DECODE), 4, 96),
+    "finish, 16-row tiles, 128-position blocks, capped at 168 (decode default)": (
+        "_finish_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=128, SCORE_BLOCK=0, **FINISH), 4, 168),
+    "attention 16-row tile, 64-position blocks (session-5 decode default)": (
         "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=0, **DECODE), 4),
     "attention 16-row tile, block scores (pillar_block)": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=16, **DECODE), 4),
     "attention 16-row tile, capped at 128 registers": (

@@ -364,20 +364,20 @@ def _check_fused_norms(_case):
 # lets through (types, layouts, lowering). Integer strides are marked divisible by 16, as the launcher
 # specialises head-dim multiples, so this is the vectorised code path the GPU gets.
 SM90_KERNELS = {
-    "attention_decode": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, WRITE_LSE=True, SCORE_BLOCK=0,
+    "attention_decode": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=128, WRITE_LSE=True, SCORE_BLOCK=0,
                                                    DOT_PRECISION="tf32"), 4),
-    "attention_decode_block_scores": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, WRITE_LSE=True,
+    "attention_decode_block_scores": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=128, WRITE_LSE=True,
                                                                 SCORE_BLOCK=16, DOT_PRECISION="tf32"), 4),
     # The register caps paged_attention puts on 16-row tiles: more resident programs, a few spills.
-    "attention_decode_96_registers": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, WRITE_LSE=True,
+    "attention_decode_96_registers": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=128, WRITE_LSE=True,
                                                                 SCORE_BLOCK=0, DOT_PRECISION="tf32"), 4, 2, 96),
     "attention_prefill": ("_attention_kernel", dict(BLOCK_M=128, QPT=32, PAGE=1, BLOCK_N=64, WRITE_LSE=False, SCORE_BLOCK=0,
                                                     DOT_PRECISION="tf32"), 8),
-    "finish": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, MERGE_GROUP=4, SCORE_M=64, SCORE_Q=16,
+    "finish": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=128, MERGE_GROUP=4, SCORE_M=64, SCORE_Q=16,
                                       WRITE_SCORES=True, SCORE_BLOCK=0, DOT_PRECISION="tf32"), 4),
-    "finish_168_registers": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, MERGE_GROUP=4, SCORE_M=64, SCORE_Q=16,
+    "finish_168_registers": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=128, MERGE_GROUP=4, SCORE_M=64, SCORE_Q=16,
                                                     WRITE_SCORES=True, SCORE_BLOCK=0, DOT_PRECISION="tf32"), 4, 2, 168),
-    "finish_block_scores": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=64, MERGE_GROUP=4, SCORE_M=64,
+    "finish_block_scores": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=128, MERGE_GROUP=4, SCORE_M=64,
                                                    SCORE_Q=16, WRITE_SCORES=True, SCORE_BLOCK=16, DOT_PRECISION="tf32"), 4),
     "write_kv": ("_write_kv_kernel", dict(H=8, H_PAD=8, D=128, D_PAD=128), 4),
     "rms_norm": ("_rms_norm_kernel", dict(BLOCK_N=4096, ROWS=1), 4),

@@ -481,7 +481,9 @@ def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int) -> _Tile
     The score pass, in contrast, reads K for every query of a row at once. With heads of <= 64
     dims, a decode program's 64-position block is too little work per loop iteration: 128-position
     blocks and fewer splits made the bench-code-lm heads' decode, draft and mixed steps 13-32%
-    faster on the H200 (benchmarks/results/h200/session6).
+    faster on the H200 (benchmarks/results/h200/session6). At 128 dims, 128-position blocks made
+    verification steps 14% and mixed steps 8% faster, decode and draft steps no slower; fewer
+    splits there would slow plain decode by 9%.
     """
     block_n = 64 if d_pad <= 128 else 32
     items_per_sm = _ITEMS_PER_SM
@@ -489,8 +491,10 @@ def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int) -> _Tile
         block_m = 128 if d_pad <= 128 else 64
     else:
         block_m = 16
+        if d_pad <= 128:
+            block_n = 128
         if d_pad <= 64:
-            block_n, items_per_sm = 128, _ITEMS_PER_SM_SMALL_HEADS
+            items_per_sm = _ITEMS_PER_SM_SMALL_HEADS
     small = _pow2(group, 16)
     return _Tiles(max(block_m, small), block_n, max(min(64, _pow2(group * 16)), small), items_per_sm)
 
