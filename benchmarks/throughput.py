@@ -176,10 +176,18 @@ def measure(model, tag: str, ids: torch.Tensor, method: str, new_tokens: int, sa
         # >1 means faster than plain decoding could ever be at this memory bandwidth.
         "floor_ratio": floor_s / decode_s,
         "steps": {kind: steps[kind] for kind in ("draft", "verify", "mixed") if kind in steps},
+        # The batch ends with its slowest request: the spread of per-request acceptance explains tails.
+        "accepted_per_request": _spread(stats["mean_accepted_per_sequence"]) if stats and method != "nospec" else None,
         "note": note,
     }
     print(json.dumps(row), flush=True)
     return row
+
+
+def _spread(values: list[float]) -> dict:
+    ordered, n = sorted(values), len(values)
+    quantiles = {"min": 0.0, "p10": 0.1, "median": 0.5, "p90": 0.9}
+    return {name: ordered[min(n - 1, int(q * n))] for name, q in quantiles.items()} | {"max": ordered[-1]}
 
 
 def random_qwen3_8b(device: str) -> torch.nn.Module:

@@ -61,6 +61,10 @@ def test_spec_stats(model, batch):
     assert stats["num_draft_steps"] <= 4 * stats["num_verify_steps"]
     assert 0.0 <= stats["mean_accepted"] <= 4
     assert 0.0 <= stats["acceptance_rate"] <= 1.0
+    per_sequence = stats["mean_accepted_per_sequence"]
+    assert len(per_sequence) == 2 and all(0.0 <= m <= 4 for m in per_sequence)
+    # The batch's mean weighs each sequence by its rounds, so it lies between theirs.
+    assert min(per_sequence) - 1e-9 <= stats["mean_accepted"] <= max(per_sequence) + 1e-9
     assert math.isfinite(stats["tokens_per_s"]) and stats["tokens_per_s"] > 0
 
 

@@ -47,6 +47,9 @@ class SpecStats:
     new_tokens: int = 0
     seconds: float = 0.0
     selection_mass_per_layer: list[float] | None = None  # diagnostics=True only
+    # Per sequence of the caller's batch: a batch finishes with its slowest request, so the spread
+    # says more about its speed than the mean.
+    mean_accepted_per_sequence: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         verified_rounds = max(self.num_verify_steps, 1)
@@ -61,6 +64,7 @@ class SpecStats:
             "new_tokens": self.new_tokens,
             "seconds": self.seconds,
             "tokens_per_s": self.new_tokens / self.seconds if self.seconds > 0 else 0.0,
+            "mean_accepted_per_sequence": self.mean_accepted_per_sequence,
             **({} if self.selection_mass_per_layer is None else {"selection_mass_per_layer": self.selection_mass_per_layer}),
         }
 
@@ -198,6 +202,9 @@ class Engine:
         if self.runner.selection_mass is not None:
             self.stats.selection_mass_per_layer = self.runner.selection_mass.per_layer()
         self.stats.new_tokens = sum(len(r.generated) for r in requests)
+        self.stats.mean_accepted_per_sequence = [
+            r.drafts_accepted / max(r.rounds, 1) for r in sorted(requests, key=lambda r: r.index)
+        ]
         return self.stats
 
     def _done_before_start(self, request: Request) -> bool:
@@ -404,6 +411,8 @@ class Engine:
                 self.stats.num_drafts_verified += req.round_len
                 self.stats.num_drafts_accepted += m
                 req.acceptance.observe(m, req.round_len)
+                req.rounds += 1
+                req.drafts_accepted += m
             if req.finished:
                 continue
             if row.kind is RowKind.VERIFY and not self.config.speculate:

@@ -42,6 +42,8 @@ class Request:
     # device, and this counts the tokens sampled there that the host has not read yet.
     in_flight: int = 0
     acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)  # of its recent rounds
+    rounds: int = 0  # verified rounds (every verification row, also plain decoding's)
+    drafts_accepted: int = 0
     finished: bool = False
     offloaded: HostKV | None = None
     scores: list[torch.Tensor] = field(default_factory=list)  # processed scores per generated token, if asked
