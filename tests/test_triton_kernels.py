@@ -49,6 +49,8 @@ CASES = {
                                                                          score_block=16)),
     "graph_like_page1_g1_d32_block_scores": (1, 2, 1, 32, "float32", dict(graph_like=True, score_block=16)),
     "page1_g3_d32_fp16_block_scores": (1, 2, 3, 32, "float16", dict(score_block=16)),
+    # 8-position blocks (benchmarks/kernels_check.py times them against 16).
+    "graph_like_page16_g3_d32_block_scores_of_8": (16, 2, 3, 32, "float32", dict(graph_like=True, score_block=8)),
 }
 # bfloat16 attention is checked only on the GPU (benchmarks/kernels_check.py): Triton 3.9's interpreter
 # computes tl.dot on bfloat16 operands wrongly (a lone 16x16 product is off by orders of magnitude).
