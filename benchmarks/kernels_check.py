@@ -392,6 +392,21 @@ def timings(results: dict) -> None:
         save(results)
 
 
+def timed_variant(results: dict, name: str, batch: Batch, check, **overrides) -> None:
+    """Time one tuning variant while the time budget lasts, noted by whether ``check(out, scores)``
+    accepts its results."""
+    if time.monotonic() - START > TIME_BUDGET_S:
+        results["skipped"].append(name)
+        return
+    try:
+        got, got_scores = run_attention(batch, **overrides)
+        timing(results, name, batch, "matches" if check(got, got_scores) else "MISMATCH", **overrides)
+    except Exception:
+        results["timing"][name] = {"error": traceback.format_exc(limit=4)}
+        print(f"[error] {name}: {results['timing'][name]['error'][-300:]}", flush=True)
+    save(results)
+
+
 def verify_sweep(results: dict) -> None:
     """Verification rows' cost (``--only verify-sweep``): with the per-position PillarAttn score
     pass (a second read of K), without scores, and with block scores of 16 or 8 positions summed
@@ -423,25 +438,19 @@ def verify_sweep(results: dict) -> None:
                 ("64-row tiles, block_n=64, registers<=128", batch, None, dict(block_m=64, block_n=64, max_registers=128)),
             ]
         for variant, run, block, overrides in variants:
-            name = f"{label} {variant}"
-            if time.monotonic() - START > TIME_BUDGET_S:
-                results["skipped"].append(name)
-                continue
-            try:
-                got, got_scores = run_attention(run, **overrides)
+
+            def check(got, got_scores, run=run, block=block):
                 same = bool(torch.allclose(got[0, batch.real].float(), want[0, batch.real].float(), atol=2e-2, rtol=0))
                 if block is not None:
                     sums = selection.block_masses(want_scores.nan_to_num(0.0), block)
                     want_blocks = sums.repeat_interleave(block, -1)[..., :width] / block
                     written = ~torch.isnan(want_scores)
-                    same = same and bool(torch.allclose(got_scores[written], want_blocks[written], atol=1e-6, rtol=1e-3))
-                elif run is batch:
-                    same = same and bool(torch.allclose(got_scores, want_scores, atol=1e-6, rtol=1e-3, equal_nan=True))
-                timing(results, name, run, "matches" if same else "MISMATCH", **overrides)
-            except Exception:
-                results["timing"][name] = {"error": traceback.format_exc(limit=4)}
-                print(f"[error] {name}: {results['timing'][name]['error'][-300:]}", flush=True)
-            save(results)
+                    return same and bool(torch.allclose(got_scores[written], want_blocks[written], atol=1e-6, rtol=1e-3))
+                if run is batch:
+                    return same and bool(torch.allclose(got_scores, want_scores, atol=1e-6, rtol=1e-3, equal_nan=True))
+                return same
+
+            timed_variant(results, f"{label} {variant}", run, check, **overrides)
         batch = None
 
 
@@ -472,18 +481,9 @@ def tuning_sweep(results: dict) -> None:
         batch = make()
         want = run_attention(batch)[0].clone()
         for variant, overrides in variants:
-            name = f"{label} {variant}"
-            if time.monotonic() - START > TIME_BUDGET_S:
-                results["skipped"].append(name)
-                continue
-            try:
-                got = run_attention(batch, **overrides)[0]
-                same = bool(torch.allclose(got[0, batch.real].float(), want[0, batch.real].float(), atol=2e-2, rtol=0))
-                timing(results, name, batch, "matches" if same else "MISMATCH", **overrides)
-            except Exception:
-                results["timing"][name] = {"error": traceback.format_exc(limit=4)}
-                print(f"[error] {name}: {results['timing'][name]['error'][-300:]}", flush=True)
-            save(results)
+            timed_variant(results, f"{label} {variant}", batch,
+                          lambda got, _: bool(torch.allclose(got[0, batch.real].float(), want[0, batch.real].float(), atol=2e-2, rtol=0)),
+                          **overrides)
         batch = None
 
 
