@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Prepared in session 6 for the next session's first device call: block scores of 8 positions
-# against 16 (kernel cost; the CPU screen of block8+pool is in docs/selection.md), then batch 128 x
-# 16k with each run's per-request acceptance spread (`accepted_per_request`), adaptive draft length
+# Prepared in session 6 for the next session's first device call: verification tiles again (64-row
+# tiles against the tuned 16-row ones; scores per position, per block, none), then batch 128 x 16k
+# with each run's per-request acceptance spread (`accepted_per_request`), adaptive draft length
 # included: is the run-to-run spread the tail of a few low-acceptance requests?
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 mkdir -p "$OUT/sweep" "$OUT/b128"

@@ -102,6 +102,10 @@ GRIDS = {
         "back8ahead1+recent0.5": knobs(8, 1, 0.5),
         "back8ahead1+recent0.75": knobs(8, 1, 0.75),
         "back8ahead1+recent0.25": knobs(8, 1, 0.25),
+        # Little or no forced window: local heads fill their budget with recent positions by score,
+        # retrieval heads with far pillars (a per-head split of the budget, for free).
+        "back8ahead1+recent0.125": knobs(8, 1, 0.125),
+        "back8ahead1+recent0": knobs(8, 1, 0.0),
     },
     # Does acceptance hinge on particular layers' sparsity? Default pillar selection, but in the
     # listed layers the draft rows read every cached position ("dense"), or no selected position,
