@@ -532,5 +532,17 @@ def test_kernels_compile_for_sm90(results, kernel):
     assert r["compiled"]
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_tiles_take_large_kv_blocks_only_with_hopper_shared_memory(head_dim):
+    # 128-position blocks take 72 KB of shared memory at 128 dims: on a 100 KB-per-SM GPU that would
+    # leave one resident program per SM, so those GPUs keep 64-position blocks.
+    triton_kernels = pytest.importorskip("hf_sparsespec.attention.triton_kernels")
+    decode = dict(num_tokens=64, num_rows=64, group=4, d_pad=head_dim)
+    assert triton_kernels._tile_shape(**decode, big_blocks=True).block_n == 128
+    assert triton_kernels._tile_shape(**decode, big_blocks=False).block_n == 64
+    prefill = dict(num_tokens=4096, num_rows=2, group=4, d_pad=head_dim)
+    assert triton_kernels._tile_shape(**prefill, big_blocks=True).block_n == 64
+
+
 if __name__ == "__main__":
     _child(sys.argv[1:])

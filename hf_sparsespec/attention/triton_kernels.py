@@ -55,7 +55,10 @@ _PARTIAL_BYTES = 64 << 20
 # (190 with block scores): 3 (2) programs per SM; at 96, 5 fit (shared memory allows no more) for
 # a few bytes of spills. On the H200 (benchmarks/results/h200/session6) that made unified b128
 # steps 10% faster (block scores 32%), draft steps 15%, plain decode 3%, and verification-only
-# steps 5% (a cap of 128 did a little better there and worse elsewhere).
+# steps 5% (a cap of 128 did a little better there and worse elsewhere). Those figures are for
+# 64-position KV blocks; with the 128-position ones (72 KB of shared memory at 128 dims: 3 programs
+# per SM whatever the cap) the cap of 96 spills ~500 bytes, and the pair was measured faster all the
+# same; whether a higher cap does better with them is for benchmarks/kernels_check.py --only verify-sweep.
 _DECODE_MAX_REGISTERS = 96
 # The finish kernel's, with 16-row tiles: uncapped 255 (2 programs per SM), at 168 three fit for a
 # few spills, which made verification and unified steps 7-19% faster.
@@ -67,6 +70,16 @@ def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the CPU interpreter runs programs one after another; a few suffice
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_shared_memory(device: torch.device) -> bool:
+    """Whether SMs hold ~228 KB of shared memory (sm_90, sm_100), where the 128-position decode blocks
+    were measured; elsewhere (100 KB on sm_86/89/120) they would leave one resident program per SM.
+    The CPU interpreter takes the Hopper shapes, so that tests cover what the H200 runs."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device)[0] in (9, 10)
 
 
 def _pow2(x: int, at_least: int = 1) -> int:
@@ -470,7 +483,7 @@ class _Tiles:
     items_per_sm: int  # what the split sizing aims at
 
 
-def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int) -> _Tiles:
+def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int, big_blocks: bool) -> _Tiles:
     """Tile shapes from shapes alone.
 
     Prefill-like steps (many tokens per row) take 128-row query tiles: tensor-core sized, and
@@ -483,7 +496,8 @@ def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int) -> _Tile
     blocks and fewer splits made the bench-code-lm heads' decode, draft and mixed steps 13-32%
     faster on the H200 (benchmarks/results/h200/session6). At 128 dims, 128-position blocks made
     verification steps 14% and mixed steps 8% faster, decode and draft steps no slower; fewer
-    splits there would slow plain decode by 9%.
+    splits there would slow plain decode by 9%. They take 72 KB of shared memory at 128 dims, so
+    only GPUs with Hopper-sized shared memory get them (``big_blocks``).
     """
     block_n = 64 if d_pad <= 128 else 32
     items_per_sm = _ITEMS_PER_SM
@@ -491,7 +505,7 @@ def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int) -> _Tile
         block_m = 128 if d_pad <= 128 else 64
     else:
         block_m = 16
-        if d_pad <= 128:
+        if d_pad <= 128 and big_blocks:
             block_n = 128
         if d_pad <= 64:
             items_per_sm = _ITEMS_PER_SM_SMALL_HEADS
@@ -547,7 +561,7 @@ def paged_attention(
         raise ValueError("paged_attention needs pools with a contiguous last dimension")
     q = _last_dim_contiguous(query[0])  # (Hq, T, D)
     d_pad = _pow2(head_dim, 16)
-    tiles = _tile_shape(num_tokens, num_rows, group, d_pad)
+    tiles = _tile_shape(num_tokens, num_rows, group, d_pad, _hopper_shared_memory(query.device))
     block_m = max(block_m or tiles.block_m, _pow2(group, 16))
     block_n = block_n or tiles.block_n
     qpt = block_m // group
