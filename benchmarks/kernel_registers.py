@@ -32,6 +32,10 @@ CONFIGS = {
         "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=128, SCORE_BLOCK=0, **DECODE), 4, 96),
     "finish, 16-row tiles, 128-position blocks, capped at 168 (decode default)": (
         "_finish_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=128, SCORE_BLOCK=0, **FINISH), 4, 168),
+    "attention 16-row tile, 128-position blocks, uncapped": (
+        "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=128, SCORE_BLOCK=0, **DECODE), 4),
+    "finish, 16-row tiles, 128-position blocks, uncapped": (
+        "_finish_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=128, SCORE_BLOCK=0, **FINISH), 4),
     "attention 16-row tile, 64-position blocks (session-5 decode default)": (
         "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=0, **DECODE), 4),
     "attention 16-row tile, block scores (pillar_block)": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=16, **DECODE), 4),
@@ -99,15 +103,15 @@ def main() -> None:
 
     results = {"triton": triton.__version__, "configs": {}}
     print(f"Triton {triton.__version__}, sm_90, Qwen3-8B shapes (D=128, G=4)")
-    print(f"{'configuration':58s} {'warps':>5s} {'regs':>5s} {'spills':>7s} {'shared':>7s} {'programs/SM':>11s}")
+    print(f"{'configuration':76s} {'warps':>5s} {'regs':>5s} {'spills':>7s} {'shared':>7s} {'programs/SM':>11s}")
     for name, (kernel, constexprs, warps, *cap) in CONFIGS.items():
         row = measure(kernel, constexprs, warps, *cap)
         results["configs"][name] = {"constexprs": constexprs, **row}
         if "error" in row:
-            print(f"{name:58s} error: {row['error'][-300:]}")
+            print(f"{name:76s} error: {row['error'][-300:]}")
             continue
         spills = row["spill_store_bytes"] + row["spill_load_bytes"] if row["spill_store_bytes"] is not None else "?"
-        print(f"{name:58s} {warps:5d} {row['registers']:5d} {spills!s:>7s} {row['shared_bytes']:7d} {row['programs_per_sm']:11d}")
+        print(f"{name:76s} {warps:5d} {row['registers']:5d} {spills!s:>7s} {row['shared_bytes']:7d} {row['programs_per_sm']:11d}")
     args.out.write_text(json.dumps(results, indent=1))
 
 
