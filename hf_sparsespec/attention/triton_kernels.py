@@ -61,7 +61,8 @@ _PARTIAL_BYTES = 64 << 20
 # same; whether a higher cap does better with them is for benchmarks/kernels_check.py --only verify-sweep.
 _DECODE_MAX_REGISTERS = 96
 # The finish kernel's, with 16-row tiles: uncapped 255 (2 programs per SM), at 168 three fit for a
-# few spills, which made verification and unified steps 7-19% faster.
+# few spills, which made verification and unified steps 7-19% faster (64-position blocks; with the
+# 128-position ones its 84 KB of shared memory allow 2 per SM anyway).
 _FINISH_MAX_REGISTERS = 168
 
 
