@@ -49,7 +49,7 @@ CASES = {
                                                                          score_block=16)),
     "graph_like_page1_g1_d32_block_scores": (1, 2, 1, 32, "float32", dict(graph_like=True, score_block=16)),
     "page1_g3_d32_fp16_block_scores": (1, 2, 3, 32, "float16", dict(score_block=16)),
-    # 8-position blocks (benchmarks/kernels_check.py times them against 16).
+    # Any block size that divides the KV block, not only SCORE_BLOCK: 8 positions.
     "graph_like_page16_g3_d32_block_scores_of_8": (16, 2, 3, 32, "float32", dict(graph_like=True, score_block=8)),
 }
 # bfloat16 attention is checked only on the GPU (benchmarks/kernels_check.py): Triton 3.9's interpreter
@@ -421,8 +421,8 @@ def compile_sm90(kernel_name: str, constexprs: dict, warps: int, stages: int = 2
             if arg.startswith("stride_") and not arg.startswith(("stride_bt", "stride_sel", "stride_sc")):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": warps, "num_stages": stages,
-                            **({"maxnreg": max_registers} if max_registers else {})})
+                          options={"num_warps": warps, "num_stages": stages,
+                                   **({"maxnreg": max_registers} if max_registers else {})})
 
 
 def _child(names: list[str]) -> None:
