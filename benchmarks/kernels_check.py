@@ -408,11 +408,12 @@ def timed_variant(results: dict, name: str, batch: Batch, check, **overrides) ->
 
 
 def verify_sweep(results: dict) -> None:
-    """Verification rows' cost (``--only verify-sweep``): with the per-position PillarAttn score
-    pass (a second read of K), without scores, and with 16-position block scores summed during the
-    attention pass (``selection="pillar_block"``), and for verification-only steps 64-row tiles. Block scores are checked against the
-    block sums of the per-position ones, outputs against the default's. (The register-cap variants
-    that set the defaults are in session 6's results, made by this function at 58f46ec.)"""
+    """Verification rows' cost (``--only verify-sweep``, after the correctness checks): with the
+    per-position PillarAttn score pass (a second read of K) and its program sizes, without scores,
+    and with 16-position block scores summed during the attention pass (``selection="pillar_block"``),
+    and for verification-only steps 64-row tiles. Block scores are checked against the block sums
+    of the per-position ones, outputs against the default's. (The register-cap variants that set
+    the defaults are in sessions 6 and 7's results, made by this function at 58f46ec and 5b7105b.)"""
     gen = torch.Generator().manual_seed(3)
     q, bf = "qwen3-8b", torch.bfloat16
     unified = ["verify"] * 14 + ["draft"] * 114
@@ -431,19 +432,18 @@ def verify_sweep(results: dict) -> None:
             ("per-position scores", batch, None, {}),
             ("no scores", replace(batch, ctx=replace(batch.ctx, scores=None)), None, {}),
             ("block scores", replace(batch, ctx=replace(batch.ctx, score_block=selection.SCORE_BLOCK)), selection.SCORE_BLOCK, {}),
-            # With 128-position KV blocks shared memory allows 3 attention programs per SM at 128 dims
-            # (uncapped: 211 registers, 2) and 2 finish programs whatever the cap, so the default caps
-            # (96, 168) may only add spills there (benchmarks/results/kernel_registers_sm90.txt).
-            ("registers<=168", batch, None, dict(max_registers=168)),
-            ("finish uncapped", batch, None, dict(finish_max_registers=0)),
-            ("uncapped", batch, None, dict(max_registers=0, finish_max_registers=0)),
+            ("score pass of 256 positions per program", batch, None, dict(score_chunk=256)),
+            ("score pass of 1024 positions per program", batch, None, dict(score_chunk=1024)),
+            ("score pass in 2 stages", batch, None, dict(score_stages=2)),
+            ("score pass in 4 stages", batch, None, dict(score_stages=4)),
         ]
         if label.startswith("verify"):
-            # A tile holding a whole verification row (9 queries x 4 heads) reads its KV once; session 5
-            # measured it before the register caps and 128-position blocks made 16-row tiles faster.
+            # A tile holding a whole verification row (9 queries x 4 heads) reads its KV once: with scores
+            # 3% faster than 16-row tiles at b32 x 8k in session 7; without, is the attention itself faster?
             variants += [
-                ("64-row tiles, block_n=32", batch, None, dict(block_m=64, block_n=32)),
                 ("64-row tiles, block_n=64, registers<=128", batch, None, dict(block_m=64, block_n=64, max_registers=128)),
+                ("64-row tiles, block_n=64, registers<=128, no scores",
+                 replace(batch, ctx=replace(batch.ctx, scores=None)), None, dict(block_m=64, block_n=64, max_registers=128)),
             ]
         for variant, run, block, overrides in variants:
 
@@ -580,8 +580,8 @@ def main() -> None:
                "correctness": {}, "write_kv": {}, "timing": {}, "selection": {}, "skipped": []}
     sections = [correctness, graph_capture, write_kv_timing, copy_bandwidth, timings, selection_timing]
     if args.only == "verify-sweep":
-        sections = [verify_sweep]
-        TIME_BUDGET_S = 200  # 28 variants
+        sections = [correctness, verify_sweep]
+        TIME_BUDGET_S = 200  # 8 checks, 30 variants
     elif args.only == "tuning":
         sections = [tuning_sweep]
         TIME_BUDGET_S = 150  # 18 variants

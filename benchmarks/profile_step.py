@@ -74,11 +74,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--speculate", type=int, default=1)
     p.add_argument("--kind", help='profile only iterations whose rows are of this kind: "draft", "verify", "draft+verify"')
+    p.add_argument("--selection", help='a selection policy other than the default, e.g. "pillar_block"')
     p.add_argument("--qwen8b", action="store_true",
                    help="the Qwen3-8B-shaped random model, in lockstep rounds (steps are pure draft or verify)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     options = dict(speculate=bool(args.speculate))
+    if args.selection:
+        options["selection"] = args.selection
     if args.qwen8b:
         model = random_qwen3_8b("cuda")
         ids = torch.randint(1000, 100000, (args.batch, args.context - args.new_tokens), device="cuda")
@@ -89,7 +92,8 @@ def main() -> None:
         ids = prompts_for(tok, args.batch, args.context - args.new_tokens, seed=args.batch).cuda()
     model_tag = "qwen8b_" if args.qwen8b else ""
     kind_tag = f"_{args.kind.replace('+', '_')}" if args.kind else ""
-    tag = f"{model_tag}b{args.batch}_{args.context}_{'sparsespec' if args.speculate else 'nospec'}{kind_tag}"
+    selection_tag = f"_{args.selection}" if args.selection else ""
+    tag = f"{model_tag}b{args.batch}_{args.context}_{'sparsespec' if args.speculate else 'nospec'}{selection_tag}{kind_tag}"
     for extra in (options, dict(options, use_cuda_graphs=False)):
         generate(model, ids, args.new_tokens, extra)  # Triton compiles and graph captures
         prof, state = profiled_generate(model, ids, args.new_tokens, args.steps, extra, args.kind)
