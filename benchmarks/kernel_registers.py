@@ -24,18 +24,18 @@ REGISTERS_PER_SM = 65536
 THREADS_PER_SM = 2048
 SHARED_PER_SM = 228 * 1024  # sm_90; each resident program also takes 1 KiB reserved by the driver
 
-DECODE = dict(PAGE=16, WRITE_LSE=True, DOT_PRECISION="tf32")
-FINISH = dict(MERGE_GROUP=4, WRITE_LSE=True)
-SCORE = dict(PAGE=16, BLOCK_N=64, CHUNK_BLOCKS=8, SCORE_M=64, SCORE_Q=16, DOT_PRECISION="tf32")
+DECODE = dict(PAGE=16, WRITE_LSE=True, SCORE_COLS=16, DOT_PRECISION="tf32")
+FINISH = dict(PAGE=16, MERGE_GROUP=4, SCORE_M=64, SCORE_Q=16, WRITE_SCORES=True, DOT_PRECISION="tf32")
 # name: (kernel, constexprs, warps[, register cap per thread: paged_attention's max_registers])
 CONFIGS = {
     "attention 16-row tile, 128-position blocks, capped at 96 (decode default)": (
         "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=128, SCORE_BLOCK=0, **DECODE), 4, 96),
-    "finish (split merges), 16-row tiles": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=128, **FINISH), 4),
-    "score pass, per position": ("_score_kernel", dict(SCORE_BLOCK=0, **SCORE), 4),
-    "score pass, block scores (pillar_block)": ("_score_kernel", dict(SCORE_BLOCK=16, **SCORE), 4),
+    "finish, 16-row tiles, 128-position blocks, capped at 168 (decode default)": (
+        "_finish_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=128, SCORE_BLOCK=0, **FINISH), 4, 168),
     "attention 16-row tile, 128-position blocks, uncapped": (
         "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=128, SCORE_BLOCK=0, **DECODE), 4),
+    "finish, 16-row tiles, 128-position blocks, uncapped": (
+        "_finish_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=128, SCORE_BLOCK=0, **FINISH), 4),
     "attention 16-row tile, 64-position blocks (session-5 decode default)": (
         "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=0, **DECODE), 4),
     "attention 16-row tile, block scores (pillar_block)": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=16, **DECODE), 4),
@@ -57,6 +57,10 @@ CONFIGS = {
         "_attention_kernel", dict(BLOCK_M=64, QPT=16, BLOCK_N=32, SCORE_BLOCK=0, **DECODE), 8),
     "attention 64-row tile, 32-position blocks, 4 warps": (
         "_attention_kernel", dict(BLOCK_M=64, QPT=16, BLOCK_N=32, SCORE_BLOCK=0, **DECODE), 4),
+    "finish, 16-row tiles (score pass)": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=0, **FINISH), 4),
+    "finish, block scores (pillar_block)": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=16, **FINISH), 4),
+    "finish, 16-row tiles, capped at 168": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=0, **FINISH), 4, 168),
+    "finish, 16-row tiles, capped at 128": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=0, **FINISH), 4, 128),
 }
 
 CHILD = """

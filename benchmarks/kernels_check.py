@@ -409,9 +409,9 @@ def timed_variant(results: dict, name: str, batch: Batch, check, **overrides) ->
 
 def verify_sweep(results: dict) -> None:
     """Verification rows' cost (``--only verify-sweep``, after the correctness checks): with the
-    per-position PillarAttn score pass (a second read of K) and its program sizes, without scores,
-    and with 16-position block scores summed during the attention pass (``selection="pillar_block"``),
-    and for verification-only steps 64-row tiles. Block scores are checked against the block sums
+    per-position PillarAttn score pass (a second read of K), without scores, and with 16-position
+    block scores summed during the attention pass (``selection="pillar_block"``), and for
+    verification-only steps 64-row tiles. Block scores are checked against the block sums
     of the per-position ones, outputs against the default's. (The register-cap variants that set
     the defaults are in sessions 6 and 7's results, made by this function at 58f46ec and 5b7105b.)"""
     gen = torch.Generator().manual_seed(3)
@@ -432,18 +432,18 @@ def verify_sweep(results: dict) -> None:
             ("per-position scores", batch, None, {}),
             ("no scores", replace(batch, ctx=replace(batch.ctx, scores=None)), None, {}),
             ("block scores", replace(batch, ctx=replace(batch.ctx, score_block=selection.SCORE_BLOCK)), selection.SCORE_BLOCK, {}),
-            ("score pass of 256 positions per program", batch, None, dict(score_chunk=256)),
-            ("score pass of 1024 positions per program", batch, None, dict(score_chunk=1024)),
-            ("score pass in 2 stages", batch, None, dict(score_stages=2)),
-            ("score pass in 4 stages", batch, None, dict(score_stages=4)),
+            ("block scores, registers<=128", replace(batch, ctx=replace(batch.ctx, score_block=selection.SCORE_BLOCK)),
+             selection.SCORE_BLOCK, dict(max_registers=128)),
         ]
         if label.startswith("verify"):
-            # A tile holding a whole verification row (9 queries x 4 heads) reads its KV once: with scores
-            # 3% faster than 16-row tiles at b32 x 8k in session 7; without, is the attention itself faster?
+            # A tile holding a whole verification row (9 queries x 4 heads) reads its KV once: without
+            # scores 20% faster than 16-row tiles at b32 x 8k in session 7.
+            wide = dict(block_m=64, block_n=64, max_registers=128)
             variants += [
-                ("64-row tiles, block_n=64, registers<=128", batch, None, dict(block_m=64, block_n=64, max_registers=128)),
-                ("64-row tiles, block_n=64, registers<=128, no scores",
-                 replace(batch, ctx=replace(batch.ctx, scores=None)), None, dict(block_m=64, block_n=64, max_registers=128)),
+                ("64-row tiles, block_n=64, registers<=128", batch, None, wide),
+                ("64-row tiles, no scores", replace(batch, ctx=replace(batch.ctx, scores=None)), None, wide),
+                ("64-row tiles, block scores", replace(batch, ctx=replace(batch.ctx, score_block=selection.SCORE_BLOCK)),
+                 selection.SCORE_BLOCK, wide),
             ]
         for variant, run, block, overrides in variants:
 
@@ -453,7 +453,8 @@ def verify_sweep(results: dict) -> None:
                     sums = selection.block_masses(want_scores.nan_to_num(0.0), block)
                     want_blocks = sums.repeat_interleave(block, -1)[..., :width] / block
                     written = ~torch.isnan(want_scores)
-                    return same and bool(torch.allclose(got_scores[written], want_blocks[written], atol=1e-6, rtol=1e-3))
+                    # Block sums come from p rounded to bfloat16, as the output weighs it: 2^-8 per term.
+                    return same and bool(torch.allclose(got_scores[written], want_blocks[written], atol=1e-6, rtol=1e-2))
                 if run is batch:
                     return same and bool(torch.allclose(got_scores, want_scores, atol=1e-6, rtol=1e-3, equal_nan=True))
                 return same
@@ -581,7 +582,7 @@ def main() -> None:
     sections = [correctness, graph_capture, write_kv_timing, copy_bandwidth, timings, selection_timing]
     if args.only == "verify-sweep":
         sections = [correctness, verify_sweep]
-        TIME_BUDGET_S = 200  # 8 checks, 30 variants
+        TIME_BUDGET_S = 200  # 8 checks, 22 variants
     elif args.only == "tuning":
         sections = [tuning_sweep]
         TIME_BUDGET_S = 150  # 18 variants

@@ -36,7 +36,7 @@ CASES = {
     # falls on and off block boundaries.
     "page16_g3_d64_one_split": (16, 1, 3, 64, "float32", dict(block_m=16, block_n=16, split_tokens=4096)),
     "page1_g3_d32_fp16_default": (1, 2, 3, 32, "float16", {}),
-    # More splits than one merge group (8) of the finish kernel.
+    # More splits than one merge group (8) and one log-sum-exp group (16) of the finish kernel.
     "page16_g3_d32_many_splits": (16, 2, 3, 32, "float32", dict(block_n=16, split_tokens=5)),
     # Splits sized on the device from the step's work (G=1 lets short rows split).
     "page16_g1_d64_fp16_adaptive_splits": (16, 2, 1, 64, "float16", dict(block_m=64, block_n=16, target_items=64)),
@@ -367,19 +367,20 @@ def _check_fused_norms(_case):
 # specialises head-dim multiples, so this is the vectorised code path the GPU gets.
 SM90_KERNELS = {
     "attention_decode": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=128, WRITE_LSE=True, SCORE_BLOCK=0,
-                                                   DOT_PRECISION="tf32"), 4),
+                                                   SCORE_COLS=16, DOT_PRECISION="tf32"), 4),
     "attention_decode_block_scores": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=128, WRITE_LSE=True,
-                                                                SCORE_BLOCK=16, DOT_PRECISION="tf32"), 4),
+                                                                SCORE_BLOCK=16, SCORE_COLS=16, DOT_PRECISION="tf32"), 4),
     # The register caps paged_attention puts on 16-row tiles: more resident programs, a few spills.
     "attention_decode_96_registers": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=128, WRITE_LSE=True,
-                                                                SCORE_BLOCK=0, DOT_PRECISION="tf32"), 4, 2, 96),
+                                                                SCORE_BLOCK=0, SCORE_COLS=16, DOT_PRECISION="tf32"), 4, 2, 96),
     "attention_prefill": ("_attention_kernel", dict(BLOCK_M=128, QPT=32, PAGE=1, BLOCK_N=64, WRITE_LSE=False, SCORE_BLOCK=0,
-                                                    DOT_PRECISION="tf32"), 8),
-    "finish": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=128, MERGE_GROUP=4, WRITE_LSE=True), 4),
-    "score": ("_score_kernel", dict(PAGE=16, BLOCK_N=64, CHUNK_BLOCKS=8, SCORE_M=64, SCORE_Q=16, SCORE_BLOCK=0,
-                                    DOT_PRECISION="tf32"), 4, 3),
-    "score_block_scores": ("_score_kernel", dict(PAGE=16, BLOCK_N=64, CHUNK_BLOCKS=8, SCORE_M=64, SCORE_Q=16,
-                                                 SCORE_BLOCK=16, DOT_PRECISION="tf32"), 4, 3),
+                                                    SCORE_COLS=16, DOT_PRECISION="tf32"), 8),
+    "finish": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=128, MERGE_GROUP=4, SCORE_M=64, SCORE_Q=16,
+                                      WRITE_SCORES=True, SCORE_BLOCK=0, DOT_PRECISION="tf32"), 4),
+    "finish_168_registers": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=128, MERGE_GROUP=4, SCORE_M=64, SCORE_Q=16,
+                                                    WRITE_SCORES=True, SCORE_BLOCK=0, DOT_PRECISION="tf32"), 4, 2, 168),
+    "finish_block_scores": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=128, MERGE_GROUP=4, SCORE_M=64,
+                                                   SCORE_Q=16, WRITE_SCORES=True, SCORE_BLOCK=16, DOT_PRECISION="tf32"), 4),
     "write_kv": ("_write_kv_kernel", dict(H=8, H_PAD=8, D=128, D_PAD=128), 4),
     "rms_norm": ("_rms_norm_kernel", dict(BLOCK_N=4096, ROWS=1), 4),
     "rotary": ("_rotary_kernel", dict(HALF=64, BLOCK=64), 1),
@@ -403,10 +404,8 @@ def compile_sm90(kernel_name: str, constexprs: dict, warps: int, stages: int = 2
     from hf_sparsespec.generation import fused_norm, fused_rotary
 
     fn = getattr(triton_kernels, kernel_name, None) or getattr(fused_norm, kernel_name, None) or getattr(fused_rotary, kernel_name)
-    if kernel_name in ("_attention_kernel", "_finish_kernel", "_score_kernel"):  # Qwen3-8B: 32 query heads, 8 KV heads of 128
-        constexprs = dict(G=4, HKV=8, HQ=32, D=128, D_PAD=128, **constexprs)
-    if kernel_name in ("_attention_kernel", "_finish_kernel"):
-        constexprs = dict(R_PAD=256, SPLIT_COST=16, **constexprs)
+    if kernel_name in ("_attention_kernel", "_finish_kernel"):  # Qwen3-8B: 32 query heads over 8 KV heads of 128
+        constexprs = dict(G=4, HKV=8, HQ=32, D=128, D_PAD=128, R_PAD=256, SPLIT_COST=16, **constexprs)
     ints = {"bt_ptr": "i64", "sel_ptr": "i32", "sel_count_ptr": "i32", "is_draft_ptr": "i1", "slot_ptr": "i64"}
     metadata = ("q_start_ptr", "q_len_ptr", "kv_len_ptr", "tail_ptr", "sel_slot_ptr", "score_row_ptr")
     fp32 = ("lse_ptr", "part_o_ptr", "part_lse_ptr", "scores_ptr", "blse_ptr")

@@ -13,9 +13,8 @@ which only the device knows, so every program derives the item list from the row
 itself (one vectorised pass, no loop over items) and the grid is an upper bound from shapes;
 programs past the real items return at once.
 
-Three launches: the attention kernel writes final outputs of unsplit rows and per-split partials
-of split rows; the finish kernel, over the same items, merges the partials (and a scored row's
-log-sum-exps); the score kernel, over (row, KV head, chunk of positions), computes the
+Two launches: the attention kernel writes final outputs of unsplit rows and per-split partials
+of split rows; the finish kernel, over the same items, merges the partials and computes the
 PillarAttn scores of verification rows, which need the final log-sum-exp and so a second look
 at K; or, for block-granular scores (``ctx.score_block``), combines the per-block log-sum-exps
 that the attention kernel stored during its pass, and reads no K.
@@ -61,8 +60,14 @@ _PARTIAL_BYTES = 64 << 20
 # per SM whatever the cap) the cap of 96 spills ~500 bytes, and the pair was measured faster all the
 # same; whether a higher cap does better with them is for benchmarks/kernels_check.py --only verify-sweep.
 _DECODE_MAX_REGISTERS = 96
-# KV positions per program of the score pass: a 16k row spreads over 32 programs.
-_SCORE_CHUNK = 512
+# 16-row tiles that also sum block scores, at more than 64 dims: at 96 registers they spill enough
+# to lose 16-20% against a cap of 128 (Qwen3-8B heads, H200, session 7); 64-dim heads keep 96 (4%
+# faster there).
+_BLOCK_SCORE_MAX_REGISTERS = 128
+# The finish kernel's, with 16-row tiles: uncapped 255 (2 programs per SM), at 168 three fit for a
+# few spills, which made verification and unified steps 7-19% faster (64-position blocks; with the
+# 128-position ones its 84 KB of shared memory allow 2 per SM anyway).
+_FINISH_MAX_REGISTERS = 168
 
 
 @functools.lru_cache(maxsize=None)
@@ -184,7 +189,8 @@ def _attend(
     acc, m_i, l_i, q, qpos, start, end, k_base, v_base, stride_ks, stride_vs, bt_row, sel_row, cnt, tail, qk_scale,
     blse_rows, blse_ok,
     D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SELECTED: tl.constexpr, MASKED: tl.constexpr, SCORE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SELECTED: tl.constexpr, MASKED: tl.constexpr, SCORE_BLOCK: tl.constexpr, SCORE_COLS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax over virtual KV indices [start, end): selected positions or the tail.
     Unmasked calls get whole blocks of the tail that every query of the tile sees, so they skip
@@ -227,10 +233,15 @@ def _attend(
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(s - m_ref[:, None])
         if SCORE_BLOCK > 0:
-            part = tl.sum(tl.reshape(p, [p.shape[0], BLOCK_N // SCORE_BLOCK, SCORE_BLOCK]), axis=2)
-            b = blk // SCORE_BLOCK + tl.arange(0, BLOCK_N // SCORE_BLOCK)
+            # Block sums as a product with a 0/1 matrix: on tensor cores, from the same rounded p as
+            # the output's; a reshape-and-sum shuffled registers through shared memory and doubled
+            # the attention time of a verification step (H200, session 7). SCORE_COLS pads to a dot's 16.
+            cols = tl.arange(0, SCORE_COLS)
+            ones = (offs_n[:, None] // SCORE_BLOCK == cols[None, :]).to(v.dtype)
+            part = tl.dot(p.to(v.dtype), ones, input_precision=DOT_PRECISION)
+            b = blk // SCORE_BLOCK + cols
             tl.store(blse_rows[:, None] + b[None, :], m_ref[:, None] + tl.log2(part),
-                     mask=blse_ok[:, None] & (b * SCORE_BLOCK < end)[None, :])
+                     mask=blse_ok[:, None] & ((cols < BLOCK_N // SCORE_BLOCK) & (b * SCORE_BLOCK < end))[None, :])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -247,7 +258,7 @@ def _attention_kernel(
     stride_bt, stride_sel_s, stride_sel_h,
     G: tl.constexpr, HKV: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, QPT: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, SPLIT_COST: tl.constexpr,
-    WRITE_LSE: tl.constexpr, SCORE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WRITE_LSE: tl.constexpr, SCORE_BLOCK: tl.constexpr, SCORE_COLS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     item, row, h, tile, split, n, kv, tail, cnt, chunk, splits, part_start = _item(
         q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
@@ -288,13 +299,14 @@ def _attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, lo, sel_end, k_base, v_base, stride_ks, stride_vs, bt_row, sel_row,
-                            cnt, tail, qk_scale, blse_rows, blse_ok, D, D_PAD, PAGE, BLOCK_N, True, True, 0, DOT_PRECISION)
+                            cnt, tail, qk_scale, blse_rows, blse_ok, D, D_PAD, PAGE, BLOCK_N, True, True, 0, SCORE_COLS,
+                            DOT_PRECISION)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, free_lo, free_hi, k_base, v_base, stride_ks, stride_vs, bt_row, sel_row,
                             cnt, tail, qk_scale, blse_rows, blse_ok, D, D_PAD, PAGE, BLOCK_N, False, False, SCORE_BLOCK,
-                            DOT_PRECISION)
+                            SCORE_COLS, DOT_PRECISION)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, free_hi, hi, k_base, v_base, stride_ks, stride_vs, bt_row, sel_row,
                             cnt, tail, qk_scale, blse_rows, blse_ok, D, D_PAD, PAGE, BLOCK_N, False, True, SCORE_BLOCK,
-                            DOT_PRECISION)
+                            SCORE_COLS, DOT_PRECISION)
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse = m_i + tl.log2(l_i)  # base-2, in units of qk_scale; -inf where nothing was visible
@@ -312,123 +324,141 @@ def _attention_kernel(
 
 
 @triton.jit
+def _final_lse(lse_ptr, part_lse_ptr, token, head, row_ok, part_rows, splits,
+               HQ: tl.constexpr, HKV: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr):
+    """Log-sum-exp over the whole row of some queries: stored as is for unsplit rows, combined
+    from the split partials (split s of query row i at ``part_rows[i] + s * HKV * BLOCK_M``)
+    otherwise."""
+    # No early return on a runtime condition: Triton 3.6 fails to lower one here
+    # ("failed to legalize unresolved materialization"), so both cases are computed and selected.
+    # Unwritten (but allocated) for split rows; discarded below.
+    direct = tl.load(lse_ptr + token * HQ + head, mask=row_ok, other=0.0)
+    offs_s = tl.arange(0, GROUP)
+    m = tl.full(row_ok.shape, float("-inf"), tl.float32)
+    total = tl.zeros(row_ok.shape, tl.float32)
+    # GROUP splits per step: their loads are in flight together rather than one after another.
+    for s0 in range(0, tl.where(splits == 1, 0, splits), GROUP):
+        s = s0 + offs_s
+        x = tl.load(part_lse_ptr + part_rows[None, :] + (s * HKV * BLOCK_M)[:, None],
+                    mask=(s < splits)[:, None] & row_ok[None, :], other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        total = total * tl.exp2(m - m_ref) + tl.sum(tl.exp2(x - m_ref[None, :]), axis=0)
+        m = m_new
+    merged = tl.where(m == float("-inf"), 0.0, m) + tl.log2(total)
+    return tl.where(splits == 1, direct, merged)
+
+
+@triton.jit
 def _finish_kernel(
-    out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+    q_ptr, k_ptr, out_ptr, lse_ptr, part_o_ptr, part_lse_ptr, scores_ptr, blse_ptr,
     q_start_ptr, q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr, score_row_ptr,
-    R, SEL_WIDTH, TARGET, FIXED_CHUNK,
-    stride_ot, stride_oh,
-    G: tl.constexpr, HKV: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    bt_ptr,
+    R, SEL_WIDTH, TARGET, FIXED_CHUNK, SCORE_WIDTH, NUM_SCORE_BLOCKS, qk_scale,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_ot, stride_oh, stride_bt, stride_sc_v, stride_sc_h,
+    G: tl.constexpr, HKV: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, QPT: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, SPLIT_COST: tl.constexpr,
-    MERGE_GROUP: tl.constexpr, WRITE_LSE: tl.constexpr,
+    MERGE_GROUP: tl.constexpr, SCORE_M: tl.constexpr, SCORE_Q: tl.constexpr, WRITE_SCORES: tl.constexpr,
+    SCORE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Over the attention kernel's items: the first split of each split tile merges the tile's
-    partials into the output and, for a scored row, its final log-sum-exp (the score pass's)."""
+    partials into the output; the items of a scored row (a full row) write the PillarAttn scores
+    of their split's KV range, the row's tiles taking every ``tiles``-th block each so that the
+    pass runs on all of the row's programs (on the first tile alone, a 16k row's blocks ran one
+    after another on a few programs: the pass cost more than the attention it follows). Scores
+    take tiles of SCORE_Q queries, a whole verification row at once, so each K block is read
+    once for all of the row's queries."""
+    # Items in reverse: the first ones here are those the attention kernel ran last, whose K is
+    # the likeliest still in L2 for the score pass.
     item, row, h, tile, split, n, kv, tail, cnt, chunk, splits, part_start = _item(
         q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
-        R, SEL_WIDTH, TARGET, FIXED_CHUNK, G, HKV, QPT, BLOCK_N, R_PAD, SPLIT_COST, False,
+        R, SEL_WIDTH, TARGET, FIXED_CHUNK, G, HKV, QPT, BLOCK_N, R_PAD, SPLIT_COST, True,
     )
-    if (item < 0) | (splits == 1) | (split > 0):
+    if item < 0:
         return
     q0 = tl.load(q_start_ptr + row).to(tl.int32)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_s = tl.arange(0, MERGE_GROUP)
     d_ok = offs_d < D
-    row_ok, token, head, qpos = _tile_rows(tile * QPT, n, q0, kv, h, G, QPT, BLOCK_M)
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    total = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    # MERGE_GROUP partials per step, loaded together: a 30-split row merges in a few round trips.
-    for s0 in range(0, splits, MERGE_GROUP):
-        s = s0 + offs_s
-        s_ok = s < splits
-        rows = ((part_start + tile * splits + s) * HKV + h).to(tl.int64)[:, None] * BLOCK_M + offs_m[None, :]
-        ok = s_ok[:, None] & row_ok[None, :]
-        x = tl.load(part_lse_ptr + rows, mask=ok, other=float("-inf"))
-        o = tl.load(part_o_ptr + rows[:, :, None] * D_PAD + offs_d[None, None, :],
-                    mask=ok[:, :, None] & d_ok[None, None, :], other=0.0)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_ref)
-        w = tl.exp2(x - m_ref[None, :])
-        total = total * alpha + tl.sum(w, axis=0)
-        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, axis=0)
-        m = m_new
-    o = acc / tl.where(total == 0.0, 1.0, total)[:, None]
-    tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    if WRITE_LSE:
-        if tl.load(score_row_ptr + row) >= 0:
-            tl.store(lse_ptr + token * HQ + head, tl.where(m == float("-inf"), 0.0, m) + tl.log2(total), mask=row_ok)
+    if (splits > 1) & (split == 0):
+        row_ok, token, head, qpos = _tile_rows(tile * QPT, n, q0, kv, h, G, QPT, BLOCK_M)
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        # MERGE_GROUP partials per step, loaded together: a 30-split row merges in a few round trips.
+        for s0 in range(0, splits, MERGE_GROUP):
+            s = s0 + offs_s
+            s_ok = s < splits
+            rows = ((part_start + tile * splits + s) * HKV + h).to(tl.int64)[:, None] * BLOCK_M + offs_m[None, :]
+            ok = s_ok[:, None] & row_ok[None, :]
+            x = tl.load(part_lse_ptr + rows, mask=ok, other=float("-inf"))
+            o = tl.load(part_o_ptr + rows[:, :, None] * D_PAD + offs_d[None, None, :],
+                        mask=ok[:, :, None] & d_ok[None, None, :], other=0.0)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_ref)
+            w = tl.exp2(x - m_ref[None, :])
+            total = total * alpha + tl.sum(w, axis=0)
+            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, axis=0)
+            m = m_new
+        o = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+        tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
-
-@triton.jit
-def _score_kernel(
-    q_ptr, k_ptr, lse_ptr, scores_ptr, blse_ptr,
-    q_start_ptr, q_len_ptr, kv_len_ptr, score_row_ptr, bt_ptr,
-    SCORE_WIDTH, NUM_SCORE_BLOCKS, qk_scale,
-    stride_qt, stride_qh, stride_ks, stride_kh, stride_bt, stride_sc_v, stride_sc_h,
-    G: tl.constexpr, HKV: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr, CHUNK_BLOCKS: tl.constexpr, SCORE_M: tl.constexpr, SCORE_Q: tl.constexpr,
-    SCORE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """PillarAttn scores of one scored row's KV head over CHUNK_BLOCKS blocks of positions.
-
-    Its own launch, over (row, KV head, chunk of positions): in the finish kernel, the pass ran on
-    the attention items' few programs, one K block in flight each, and took longer than the
-    attention it follows (b128 x 16k mixed steps, H200). Here a 16k row spreads over many
-    programs. Query tiles of SCORE_Q queries take a whole verification row at once, so each K
-    block is read once for all of its queries. With ``SCORE_BLOCK > 0`` the attention kernel's
-    block log-sum-exps stand in for K: each position gets an equal share of its block's mass."""
-    row = tl.program_id(0) // HKV
-    h = tl.program_id(0) % HKV
-    target = tl.load(score_row_ptr + row)
-    kv = tl.load(kv_len_ptr + row).to(tl.int32)
-    lo = tl.program_id(1) * (CHUNK_BLOCKS * BLOCK_N)
-    if (target < 0) | (lo >= kv):
-        return
-    hi = tl.minimum(lo + CHUNK_BLOCKS * BLOCK_N, kv)
-    n = tl.load(q_len_ptr + row).to(tl.int32)
-    q0 = tl.load(q_start_ptr + row).to(tl.int32)
-    out_row = scores_ptr + target * stride_sc_v + h * stride_sc_h
-    bt_row = bt_ptr + row.to(tl.int64) * stride_bt
-    k_base = k_ptr + h * stride_kh
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < D
-    inv_count = 1.0 / (G * n).to(tl.float32)
-    for t in range(0, tl.cdiv(n, SCORE_Q)):
-        row_ok, token, head, qpos = _tile_rows(t * SCORE_Q, n, q0, kv, h, G, SCORE_Q, SCORE_M)
-        lse = tl.load(lse_ptr + token * HQ + head, mask=row_ok, other=0.0)
-        if SCORE_BLOCK == 0:
-            q = tl.load(
-                q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-            ).to(k_ptr.dtype.element_ty)
-        for b in range(0, CHUNK_BLOCKS):
-            pos = lo + b * BLOCK_N + offs_n
-            pos_ok = pos < hi
-            if SCORE_BLOCK > 0:
-                blocks = (lo + b * BLOCK_N) // SCORE_BLOCK + tl.arange(0, BLOCK_N // SCORE_BLOCK)
-                start = blocks * SCORE_BLOCK
-                visible = row_ok[:, None] & (start < hi)[None, :] & (start[None, :] <= qpos[:, None])
-                x = tl.load(blse_ptr + ((token * HQ + head) * NUM_SCORE_BLOCKS)[:, None] + blocks[None, :],
-                            mask=visible, other=float("-inf"))
-                mass = tl.sum(tl.where(visible, tl.exp2(x - lse[:, None]), 0.0), axis=0) * (inv_count / SCORE_BLOCK)
-                p = tl.reshape(tl.broadcast_to(mass[:, None], (BLOCK_N // SCORE_BLOCK, SCORE_BLOCK)), (BLOCK_N,))
-            else:
-                page = tl.load(bt_row + pos // PAGE, mask=pos_ok, other=0)
-                kv_slot = page.to(tl.int64) * PAGE + pos % PAGE
-                k = tl.load(k_base + kv_slot[:, None] * stride_ks + offs_d[None, :],
-                            mask=pos_ok[:, None] & d_ok[None, :], other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-                visible = row_ok[:, None] & pos_ok[None, :] & (pos[None, :] <= qpos[:, None])
-                p = tl.sum(tl.where(visible, tl.exp2(s - lse[:, None]), 0.0), axis=0) * inv_count
-            keep = pos_ok & (pos < SCORE_WIDTH)
-            # Later query tiles add to what the earlier ones stored.
-            p += tl.load(out_row + pos, mask=keep & (t > 0), other=0.0)
-            tl.store(out_row + pos, p, mask=keep)
-        tl.debug_barrier()  # the next tile's loads must see every thread's stores
+    if WRITE_SCORES:
+        target = tl.load(score_row_ptr + row)
+        if target >= 0:
+            lo = split * chunk
+            hi = tl.minimum(lo + chunk, kv)
+            out_row = scores_ptr + target * stride_sc_v + h * stride_sc_h
+            bt_row = bt_ptr + row.to(tl.int64) * stride_bt
+            k_base = k_ptr + h * stride_kh
+            offs_n = tl.arange(0, BLOCK_N)
+            inv_count = 1.0 / (G * n).to(tl.float32)
+            tiles = tl.cdiv(n, QPT)
+            # This tile's share: blocks tile, tile + tiles, ... of the split.
+            num_blocks = tl.cdiv(tl.maximum(tl.cdiv(hi - lo, BLOCK_N) - tile, 0), tiles)
+            for t in range(0, tl.cdiv(n, SCORE_Q)):
+                row_ok, token, head, qpos = _tile_rows(t * SCORE_Q, n, q0, kv, h, G, SCORE_Q, SCORE_M)
+                if SCORE_BLOCK == 0:
+                    q = tl.load(
+                        q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+                    ).to(k_ptr.dtype.element_ty)
+                # Where the attention kernel's tiles left each query's split partials.
+                qi = t * SCORE_Q + tl.arange(0, SCORE_M) // G
+                attn_tile = qi // QPT
+                part_rows = ((part_start + attn_tile * splits) * HKV + h).to(tl.int64) * BLOCK_M + (qi - attn_tile * QPT) * G + head % G
+                lse = _final_lse(lse_ptr, part_lse_ptr, token, head, row_ok, part_rows, splits, HQ, HKV, BLOCK_M, 16)
+                # Backwards: the blocks the attention kernel read last are the likeliest still in L2.
+                for b in range(0, num_blocks):
+                    first = lo + (tile + (num_blocks - 1 - b) * tiles) * BLOCK_N
+                    pos = first + offs_n
+                    pos_ok = pos < hi
+                    if SCORE_BLOCK > 0:
+                        # Each position gets an equal share of its block's mass, from the attention
+                        # kernel's block log-sum-exps: n x G values per block instead of K.
+                        blocks = first // SCORE_BLOCK + tl.arange(0, BLOCK_N // SCORE_BLOCK)
+                        start = blocks * SCORE_BLOCK
+                        visible = row_ok[:, None] & (start < hi)[None, :] & (start[None, :] <= qpos[:, None])
+                        x = tl.load(blse_ptr + ((token * HQ + head) * NUM_SCORE_BLOCKS)[:, None] + blocks[None, :],
+                                    mask=visible, other=float("-inf"))
+                        mass = tl.sum(tl.where(visible, tl.exp2(x - lse[:, None]), 0.0), axis=0) * (inv_count / SCORE_BLOCK)
+                        p = tl.reshape(tl.broadcast_to(mass[:, None], (BLOCK_N // SCORE_BLOCK, SCORE_BLOCK)), (BLOCK_N,))
+                    else:
+                        page = tl.load(bt_row + pos // PAGE, mask=pos_ok, other=0)
+                        kv_slot = page.to(tl.int64) * PAGE + pos % PAGE
+                        k = tl.load(k_base + kv_slot[:, None] * stride_ks + offs_d[None, :],
+                                    mask=pos_ok[:, None] & d_ok[None, :], other=0.0)
+                        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+                        visible = row_ok[:, None] & pos_ok[None, :] & (pos[None, :] <= qpos[:, None])
+                        p = tl.sum(tl.where(visible, tl.exp2(s - lse[:, None]), 0.0), axis=0) * inv_count
+                    keep = pos_ok & (pos < SCORE_WIDTH)
+                    # Later query tiles add to what the earlier ones stored.
+                    p += tl.load(out_row + pos, mask=keep & (t > 0), other=0.0)
+                    tl.store(out_row + pos, p, mask=keep)
+                tl.debug_barrier()  # the next tile's loads must see every thread's stores
 
 
 @triton.jit
@@ -510,8 +540,7 @@ def paged_attention(
     num_stages: int | None = None,
     num_warps: int | None = None,
     max_registers: int | None = None,
-    score_chunk: int | None = None,
-    score_stages: int | None = None,
+    finish_max_registers: int | None = None,
 ) -> torch.Tensor:
     """PillarAttn over the paged pool for a packed batch of full and draft rows; (1, T, Hq, D).
 
@@ -526,12 +555,12 @@ def paged_attention(
         layer: index into ``ctx.selection`` and ``ctx.scores``.
         scale: softmax scale applied to Q K^T.
         block_m, block_n, target_items, split_tokens, num_stages, num_warps, max_registers,
-            score_chunk, score_stages: tuning overrides for benchmarks and tests (query-tile rows,
-            KV block, items the split sizing aims at, a fixed number of KV positions per split, the
-            attention kernel's pipeline stages, warps and registers per thread (a cap applies on
-            CUDA only, 0 lifts the default one), and the score pass's KV positions per program
-            and pipeline stages); by default chosen from the shapes and, for the split size, from
-            the step's work on the device.
+            finish_max_registers: tuning overrides for benchmarks and tests (query-tile rows, KV
+            block, items the split sizing aims at, a fixed number of KV positions per split, the
+            attention kernel's pipeline stages, warps and registers per thread, and the finish
+            kernel's registers per thread; register caps apply on CUDA only, 0 lifts the default
+            one); by default chosen from the shapes and, for the split size, from the step's work
+            on the device.
     """
     _, num_q_heads, num_tokens, head_dim = query.shape
     num_rows = ctx.q_len.shape[0]
@@ -575,9 +604,8 @@ def paged_attention(
     f32 = dict(dtype=torch.float32, device=query.device)
     lse = torch.empty(num_tokens, num_q_heads, **f32) if write_scores else out
     score_block = ctx.score_block if write_scores and ctx.score_block > 1 else 0  # 0: per-position score pass
-    score_n = 64 if d_pad <= 128 else 32  # the score pass's K block
-    if score_block and (block_n % score_block or score_n % score_block or (split_tokens or 0) % score_block):
-        raise ValueError(f"score blocks of {score_block} positions must divide the KV blocks ({block_n}, {score_n}) and any split_tokens")
+    if score_block and (block_n % score_block or (split_tokens or 0) % score_block):
+        raise ValueError(f"score blocks of {score_block} positions must divide the KV block ({block_n}) and any split_tokens")
     num_score_blocks = triton.cdiv(ctx.max_kv_len, score_block) if score_block else 0
     # Block log-sum-exps of every query row (only scored rows' are written): [T, Hq, blocks].
     blse = torch.empty(num_tokens * num_q_heads * num_score_blocks, **f32) if score_block else lse
@@ -592,41 +620,40 @@ def paged_attention(
     )
     block_tables = _last_dim_contiguous(ctx.block_tables)
     plan = (num_rows, sel_width, target, split_tokens or 0)
-    shared = dict(G=group, HKV=num_kv_heads, HQ=num_q_heads, D=head_dim, D_PAD=d_pad, BLOCK_M=block_m, QPT=qpt,
-                  BLOCK_N=block_n, R_PAD=_pow2(num_rows, 16), SPLIT_COST=_SPLIT_COST)
+    shared = dict(G=group, HKV=num_kv_heads, HQ=num_q_heads, D=head_dim, D_PAD=d_pad, PAGE=ctx.cache.page_size,
+                  BLOCK_M=block_m, QPT=qpt, BLOCK_N=block_n, R_PAD=_pow2(num_rows, 16), SPLIT_COST=_SPLIT_COST,
+                  DOT_PRECISION=dot_precision)
 
     decode_tiles = block_m == 16  # the caps were measured on these; prefill tiles keep their registers
     if max_registers is None:
-        max_registers = _DECODE_MAX_REGISTERS if decode_tiles else 0
+        max_registers = 0
+        if decode_tiles:
+            max_registers = _BLOCK_SCORE_MAX_REGISTERS if score_block and d_pad > 64 else _DECODE_MAX_REGISTERS
+    if finish_max_registers is None:
+        finish_max_registers = _FINISH_MAX_REGISTERS if decode_tiles else 0
     on_gpu = query.device.type == "cuda"  # the interpreter takes no register cap
     _attention_kernel[grid](
         q, k_pool, v_pool, out, lse, part_o, part_lse, blse, *rows, block_tables, selection,
         *plan, num_score_blocks, qk_scale,
         q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         out.stride(1), out.stride(2), block_tables.stride(0), selection.stride(0), selection.stride(1),
-        **shared, PAGE=ctx.cache.page_size, WRITE_LSE=write_scores, SCORE_BLOCK=score_block,
-        DOT_PRECISION=dot_precision, num_warps=warps, num_stages=num_stages or 2,
+        **shared, WRITE_LSE=write_scores, SCORE_BLOCK=score_block,
+        SCORE_COLS=max(16, block_n // score_block) if score_block else 16, num_warps=warps, num_stages=num_stages or 2,
         # Fewer registers, more resident programs (benchmarks/kernel_registers.py); ptxas spills past the cap.
         **({"maxnreg": max_registers} if max_registers and on_gpu else {}),
     )
-    if may_split:
+    if may_split or write_scores:
+        scores = ctx.scores[:, layer] if write_scores else out  # [V, H, width]
         # Partials merged per step: as many as keep the loaded tiles near 64 fp32 values per thread.
         merge_group = max(1, min(8, 64 * 32 * 4 // (block_m * d_pad)))
         _finish_kernel[grid](
-            out, lse, part_o, part_lse, *rows, *plan, out.stride(1), out.stride(2),
-            **shared, MERGE_GROUP=merge_group, WRITE_LSE=write_scores, num_warps=4, num_stages=2,
-        )
-    if write_scores:
-        scores = ctx.scores[:, layer]  # [V, H, width]
-        chunk_blocks = max(1, (score_chunk or _SCORE_CHUNK) // score_n)
-        _score_kernel[(num_rows * num_kv_heads, triton.cdiv(ctx.max_kv_len, chunk_blocks * score_n))](
-            q, k_pool, lse, scores, blse, rows[0], rows[1], rows[2], rows[7], block_tables,
-            scores.shape[-1], num_score_blocks, qk_scale,
-            q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), block_tables.stride(0),
-            scores.stride(0), scores.stride(1),
-            G=group, HKV=num_kv_heads, HQ=num_q_heads, D=head_dim, D_PAD=d_pad, PAGE=ctx.cache.page_size,
-            BLOCK_N=score_n, CHUNK_BLOCKS=chunk_blocks, SCORE_M=tiles.score_m, SCORE_Q=tiles.score_m // group,
-            SCORE_BLOCK=score_block, DOT_PRECISION=dot_precision, num_warps=4, num_stages=score_stages or 3,
+            q, k_pool, out, lse, part_o, part_lse, scores, blse, *rows, block_tables,
+            *plan, scores.shape[-1], num_score_blocks, qk_scale,
+            q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), out.stride(1), out.stride(2),
+            block_tables.stride(0), scores.stride(0), scores.stride(1),
+            **shared, MERGE_GROUP=merge_group, SCORE_M=tiles.score_m, SCORE_Q=tiles.score_m // group,
+            WRITE_SCORES=write_scores, SCORE_BLOCK=score_block, num_warps=4, num_stages=2,
+            **({"maxnreg": finish_max_registers} if finish_max_registers and on_gpu else {}),
         )
     return out
 
