@@ -32,6 +32,10 @@ CONFIGS = {
         "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=128, SCORE_BLOCK=0, **DECODE), 4, 96),
     "finish, 16-row tiles, 128-position blocks, capped at 168 (decode default)": (
         "_finish_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=128, SCORE_BLOCK=0, **FINISH), 4, 168),
+    "attention 16-row tile, block scores, 128-position blocks, capped at 128 (pillar_block default)": (
+        "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=128, SCORE_BLOCK=16, **DECODE), 4, 128),
+    "attention 16-row tile, block scores, 128-position blocks, capped at 96": (
+        "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=128, SCORE_BLOCK=16, **DECODE), 4, 96),
     "attention 16-row tile, 128-position blocks, uncapped": (
         "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=128, SCORE_BLOCK=0, **DECODE), 4),
     "finish, 16-row tiles, 128-position blocks, uncapped": (
