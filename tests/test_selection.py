@@ -88,6 +88,17 @@ def test_pillar_keeps_its_recent_share_and_pools_neighbours():
     assert set(range(first - sel.PILLAR_LOOKAHEAD, last + sel.PILLAR_LOOKBACK + 1)) <= set(chosen)
 
 
+def test_pillar_block_fills_its_budget_by_score_alone():
+    n, old, count = 200, 200, 80
+    scores = torch.full((1, 1, 1, n), 1e-4)
+    scores[..., 48:64] = 1.0 / 16  # one strong block far from the tail
+    scores[..., old - 60 :] = 1e-6  # the newest positions, which "pillar" would force in, score lowest
+    chosen = valid(sel.select_tokens(scores, torch.tensor([old]), torch.tensor([count]), "pillar_block", width=count), 0, 0, 0)
+    assert len(chosen) == count
+    assert set(range(48 - sel.PILLAR_LOOKAHEAD, 64 + sel.PILLAR_LOOKBACK)) <= set(chosen)
+    assert max(chosen) < old - 60 + sel.PILLAR_LOOKBACK
+
+
 def test_block_masses_sum_aligned_blocks():
     scores = torch.arange(10.0).view(1, 1, 1, 10)
     assert sel.block_masses(scores, 4).flatten().tolist() == [6.0, 22.0, 17.0]  # the last block is partial

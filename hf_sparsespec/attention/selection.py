@@ -75,6 +75,11 @@ def pillar_priority(
 # "pillar_block": verification scores come at this block granularity (every position holds an
 # equal share of its aligned block's mass), which the attention kernel sums in its own pass.
 SCORE_BLOCK = 16
+# "pillar_block" forces no recent window: over block masses the whole budget goes by score (local
+# heads still fill theirs with recent blocks) and that was ahead in four of four CPU cells, by 0.26
+# at 4k/10% where pillar misses its goal (docs/selection.md, session-7 screen). Single positions
+# keep their recent half: without it they lost 0.6 at 8k/5%.
+PILLAR_BLOCK_RECENT_FRACTION = 0.0
 
 
 def score_block(policy: str) -> int:
@@ -106,8 +111,10 @@ def selection_priority(scores: torch.Tensor, old_len: torch.Tensor, count: torch
     elif policy == "window":
         priority = positions.to(torch.float32).expand_as(scores)
         priority = priority.masked_fill(positions < SINK_TOKENS, float("inf"))
-    elif policy in ("pillar", "pillar_block"):
+    elif policy == "pillar":
         return pillar_priority(scores, old_len, count)
+    elif policy == "pillar_block":
+        return pillar_priority(scores, old_len, count, recent_fraction=PILLAR_BLOCK_RECENT_FRACTION)
     else:
         raise ValueError(f"unknown selection policy {policy!r}")
     return priority.masked_fill(~candidate[:, None, None, :], float("-inf"))
