@@ -131,6 +131,8 @@ GRIDS = {
         # reach 1.15x window at 10%, where a smaller forced window helped single positions?
         "block16+pool+recent0": knobs(8, 1, 0.0, block=16),
         "block16+pool+recent0.25": knobs(8, 1, 0.25, block=16),
+        "block8+pool+recent0": knobs(8, 1, 0.0, block=8),
+        "block16+back16ahead1+recent0": knobs(16, 1, 0.0, block=16),
         "block16+prev": knobs(0, 0, 0.5, block_lookback=(16, 1)),
         # The attention kernel's own KV block (64 positions; 32 for head dims past 128) is what it
         # could sum with no extra work: the row sums of each block's probabilities exist already.

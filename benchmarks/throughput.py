@@ -350,6 +350,12 @@ def main() -> None:
     for name in ("throughput.md", "throughput_qwen8b.md"):
         if (args.out / name).exists():
             print((args.out / name).read_text())
+    # What the table leaves out: how acceptance spreads over a run's requests (the slowest decides when
+    # a batch ends) and the steps of each kind with their total time.
+    for r in rows:
+        steps = {kind: (v["steps"], round(v["total_ms"])) for kind, v in r.get("steps", {}).items()}
+        print(f"{r['model']} {r['batch']}x{r['prompt_len']} {r['method']}: accepted per request "
+              f"{r.get('accepted_per_request')}, steps and ms {steps}")
 
 
 if __name__ == "__main__":
