@@ -76,9 +76,10 @@ def pillar_priority(
 # equal share of its aligned block's mass), which the attention kernel sums in its own pass.
 SCORE_BLOCK = 16
 # "pillar_block" forces no recent window: over block masses the whole budget goes by score (local
-# heads still fill theirs with recent blocks) and that was ahead in four of four CPU cells, by 0.26
-# at 4k/10% where pillar misses its goal (docs/selection.md, session-7 screen). Single positions
-# keep their recent half: without it they lost 0.6 at 8k/5%.
+# heads still fill theirs with recent blocks). Against the block rule with a recent half that was
+# ahead in three of four CPU cells and level in the fourth; at 4k/10%, where pillar misses its
+# goal, it is 1.146x window (docs/selection.md, session-7 screen). Single positions keep their
+# recent half: without it they lost 0.6 at 8k/5%.
 PILLAR_BLOCK_RECENT_FRACTION = 0.0
 
 

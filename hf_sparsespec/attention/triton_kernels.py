@@ -61,7 +61,7 @@ _PARTIAL_BYTES = 64 << 20
 # same; whether a higher cap does better with them is for benchmarks/kernels_check.py --only verify-sweep.
 _DECODE_MAX_REGISTERS = 96
 # 16-row tiles that also sum block scores, at more than 64 dims: at 96 registers they spill enough
-# to lose 16-20% against a cap of 128 (Qwen3-8B heads, H200, session 7); 64-dim heads keep 96 (4%
+# to be 16-18% slower than at 128 (Qwen3-8B heads, H200, session 7); 64-dim heads keep 96 (4%
 # faster there).
 _BLOCK_SCORE_MAX_REGISTERS = 128
 # The finish kernel's, with 16-row tiles: uncapped 255 (2 programs per SM), at 168 three fit for a
@@ -234,8 +234,8 @@ def _attend(
         p = tl.exp2(s - m_ref[:, None])
         if SCORE_BLOCK > 0:
             # Block sums as a product with a 0/1 matrix: on tensor cores, from the same rounded p as
-            # the output's; a reshape-and-sum shuffled registers through shared memory and doubled
-            # the attention time of a verification step (H200, session 7). SCORE_COLS pads to a dot's 16.
+            # the output's. With a reshape-and-sum a verification step's attention took 2.2x as long
+            # as without scores, with the product 1.4x (H200, session 7). SCORE_COLS pads to a dot's 16.
             cols = tl.arange(0, SCORE_COLS)
             ones = (offs_n[:, None] // SCORE_BLOCK == cols[None, :]).to(v.dtype)
             part = tl.dot(p.to(v.dtype), ones, input_precision=DOT_PRECISION)
