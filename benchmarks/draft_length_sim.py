@@ -10,7 +10,9 @@ plus a cost per draft and per verification row, with the values from that run
 mixed steps), and a second verification cost (40 us) for faster verification kernels. Requests
 verify, sit out one iteration (delayed verification), and start staggered as the unified
 scheduler starts them. Adaptive rounds use the engine's own estimator (``AcceptanceEstimate``) and
-choose the length with the most expected tokens per (k + c) for the cost c listed.
+choose the length with the most expected tokens per (k + c) for the cost c listed. A last table
+switches the batch's remaining requests to plain decoding (one token per step, ``PLAIN_MS`` a row)
+once few are left.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_sparsespec.generation.draft_length import AcceptanceEstimate, expected_tokens  # noqa: E402
 
 FIXED_MS, DRAFT_MS = 0.6, 0.004
+# A plain decode row at 16k: (2.96 ms per nospec step - the fixed part) / 128 rows (session 7).
+PLAIN_MS = 0.018
 MAX_DRAFT, NEW_TOKENS, BATCH = 8, 512, 128
 
 
@@ -32,8 +36,9 @@ def choose(rate: float, longest: int, cost: float | None) -> int:
     return max(range(1, longest + 1), key=lambda k: expected_tokens(k, rate) / (k + cost))
 
 
-def simulate(rates: list[float], cost: float | None, verify_ms: float, seed: int = 0) -> tuple[float, int]:
-    """Tokens per ms of the whole batch and the number of steps, for one draft-length rule."""
+def simulate(rates: list[float], cost: float | None, verify_ms: float, seed: int = 0, plain_below: int = 0) -> tuple[float, int]:
+    """Tokens per ms of the whole batch and the number of steps, for one draft-length rule; with
+    ``plain_below``, once that few requests are left they decode one token per step, unspeculated."""
     rng = random.Random(seed)
     n = len(rates)
     remaining = [NEW_TOKENS] * n
@@ -43,6 +48,13 @@ def simulate(rates: list[float], cost: float | None, verify_ms: float, seed: int
     sitting_out = [0] * n
     elapsed, steps = 0.0, 0
     while any(r > 0 for r in remaining):
+        live = [i for i in range(n) if remaining[i] > 0]
+        if len(live) <= plain_below:
+            elapsed += FIXED_MS + len(live) * PLAIN_MS
+            steps += 1
+            for i in live:
+                remaining[i] -= 1
+            continue
         drafts, verified = 0, []
         for i in range(n):
             if remaining[i] <= 0:
@@ -83,6 +95,19 @@ def main() -> None:
             for rule, cost in rules:
                 rate, steps = simulate(rates, cost, verify_ms)
                 print(f"  verification {verify_ms * 1e3:.0f} us  {rule:15s} {rate:6.1f}k tokens/s  {steps} steps")
+    # Session 7: verification rows at today's costs (86 us per position-scored row, 61 with block
+    # scores, from the mixed steps' kernel time), the batch's last requests decoded plainly, and
+    # plain decoding throughout (nospec) for reference.
+    print("plain decoding for the last requests (tokens/s and steps by how many are left when it starts)")
+    for name, rates in populations.items():
+        print(f"{name}: nospec {simulate(rates, None, 0.0, plain_below=BATCH)[0]:.1f}k tokens/s")
+        for verify_ms in (0.086, 0.061):
+            for rule, cost in (rules[0], ("adaptive c=6", 6)):
+                cells = []
+                for plain_below in (0, 8, 16, 32, 64):
+                    rate, steps = simulate(rates, cost, verify_ms, plain_below=plain_below)
+                    cells.append(f"{plain_below:>2}: {rate:4.1f}k/{steps}")
+                print(f"  verification {verify_ms * 1e3:.0f} us  {rule:15s} " + "  ".join(cells))
 
 
 if __name__ == "__main__":
