@@ -139,6 +139,14 @@ GRIDS = {
         "block32+pool": knobs(8, 1, 0.5, block=32),
         "block64+pool": knobs(8, 1, 0.5, block=64),
     },
+    # Budgets moved between layers at equal total read: layer l selects count * w_l / mean(w). The
+    # layer screen found a dense last layer worth the most (+1.0 at 5%), layer 0 diffuse.
+    "layer_budgets": {
+        "pillar": knobs(8, 1, 0.5),
+        "last x2": knobs(8, 1, 0.5, layer_weights=[1, 1, 1, 1, 1, 1, 1, 2]),
+        "last x3": knobs(8, 1, 0.5, layer_weights=[1, 1, 1, 1, 1, 1, 1, 3]),
+        "layers 3, 7 x2": knobs(8, 1, 0.5, layer_weights=[1, 1, 1, 2, 1, 1, 1, 2]),
+    },
     "scores": {
         "pool7+recent0.5": knobs(3, 3, 0.5),
         "pool7+recent0.5+first": knobs(3, 3, 0.5, score_weights="first"),
@@ -218,6 +226,22 @@ def reference_with_layer_views(dense, tail_only):
     return attention
 
 
+def layer_budget_selection(scores, old_len, count, width, shares, spec):
+    """Pillar selection with layer l taking ``floor(count * shares[l])`` positions. The kernels and the
+    reference read one count per request, so a layer's unused entries repeat its first position
+    (the reference's visibility mask counts a position once)."""
+    layers = []
+    for layer, share in enumerate(shares.tolist()):
+        layer_count = torch.floor(count.to(torch.float32) * share).long()
+        chosen = sel.top_positions(sel.pillar_priority(scores[:, layer : layer + 1], old_len, layer_count, **spec),
+                                   layer_count, width)
+        spare = torch.arange(width)[None, :] >= layer_count[:, None]
+        spare = spare & (torch.arange(width)[None, :] < count[:, None])
+        chosen = torch.where(spare[:, None, None, :], chosen[..., :1], chosen)
+        layers.append(chosen)
+    return torch.cat(layers, dim=1)
+
+
 class Candidate:
     """Swaps the engine's selection (and optionally the score rule or per-layer views) for one run."""
 
@@ -242,6 +266,13 @@ class Candidate:
                 spec = "paper"
         if isinstance(spec, dict):
             spec = dict(spec)
+        weights = spec.pop("layer_weights", None) if isinstance(spec, dict) else None
+        # The engine's count is for the layer with the largest weight; each layer keeps its share.
+        self.ratio_scale = 1.0
+        if weights is not None:
+            weights = torch.tensor(weights, dtype=torch.float32)
+            weights = weights / weights.mean()
+            self.ratio_scale = float(weights.max())
         decay = spec.pop("accumulate", None) if isinstance(spec, dict) else None
         block_lookback = spec.pop("block_lookback", None) if isinstance(spec, dict) else None
         if decay is not None:
@@ -274,6 +305,8 @@ class Candidate:
                     scores = remember(scores)
                 if block_lookback is not None:
                     scores = best_block_of_last(scores, *block_lookback)
+                if weights is not None:
+                    return layer_budget_selection(scores, old_len, count, width, weights / weights.max(), spec)
                 return sel.top_positions(sel.pillar_priority(scores, old_len, count, **spec), count, width)
 
             engine_module.select_tokens = select
@@ -295,7 +328,8 @@ def run(model, prompts, spec, temperature, k, ratio, min_budget, new_tokens, see
     # On CUDA: the Triton kernels, without CUDA graphs (a captured step would keep the first
     # candidate's selection) and without the mass diagnostic (it needs the reference attention).
     on_cpu = device.type == "cpu"
-    with Candidate(spec):
+    with Candidate(spec) as candidate:
+        ratio *= candidate.ratio_scale
         out = model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), custom_generate=hf_sparsespec.generate,
             return_dict_in_generate=True, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
