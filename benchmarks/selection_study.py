@@ -235,8 +235,8 @@ def layer_budget_selection(scores, old_len, count, width, shares, spec):
         layer_count = torch.floor(count.to(torch.float32) * share).long()
         chosen = sel.top_positions(sel.pillar_priority(scores[:, layer : layer + 1], old_len, layer_count, **spec),
                                    layer_count, width)
-        spare = torch.arange(width)[None, :] >= layer_count[:, None]
-        spare = spare & (torch.arange(width)[None, :] < count[:, None])
+        column = torch.arange(width, device=count.device)[None, :]
+        spare = (column >= layer_count[:, None]) & (column < count[:, None])
         chosen = torch.where(spare[:, None, None, :], chosen[..., :1], chosen)
         layers.append(chosen)
     return torch.cat(layers, dim=1)
