@@ -146,6 +146,7 @@ GRIDS = {
         "last x2": knobs(8, 1, 0.5, layer_weights=[1, 1, 1, 1, 1, 1, 1, 2]),
         "last x3": knobs(8, 1, 0.5, layer_weights=[1, 1, 1, 1, 1, 1, 1, 3]),
         "layers 3, 7 x2": knobs(8, 1, 0.5, layer_weights=[1, 1, 1, 2, 1, 1, 1, 2]),
+        "block16+pool+recent0, layers 3, 7 x2": knobs(8, 1, 0.0, block=16, layer_weights=[1, 1, 1, 2, 1, 1, 1, 2]),
     },
     "scores": {
         "pool7+recent0.5": knobs(3, 3, 0.5),
