@@ -428,12 +428,13 @@ def verify_sweep(results: dict) -> None:
         batch = make()
         want, want_scores = (t.clone() for t in run_attention(batch))
         width = want_scores.shape[-1]
+        unscored = replace(batch, ctx=replace(batch.ctx, scores=None))
+        blocked = replace(batch, ctx=replace(batch.ctx, score_block=selection.SCORE_BLOCK))
         variants = [  # (name, batch, score block of the check or None, overrides)
             ("per-position scores", batch, None, {}),
-            ("no scores", replace(batch, ctx=replace(batch.ctx, scores=None)), None, {}),
-            ("block scores", replace(batch, ctx=replace(batch.ctx, score_block=selection.SCORE_BLOCK)), selection.SCORE_BLOCK, {}),
-            ("block scores, registers<=128", replace(batch, ctx=replace(batch.ctx, score_block=selection.SCORE_BLOCK)),
-             selection.SCORE_BLOCK, dict(max_registers=128)),
+            ("no scores", unscored, None, {}),
+            ("block scores", blocked, selection.SCORE_BLOCK, {}),
+            ("block scores, registers<=128", blocked, selection.SCORE_BLOCK, dict(max_registers=128)),
         ]
         if label.startswith("verify"):
             # A tile holding a whole verification row (9 queries x 4 heads) reads its KV once: without
@@ -441,9 +442,8 @@ def verify_sweep(results: dict) -> None:
             wide = dict(block_m=64, block_n=64, max_registers=128)
             variants += [
                 ("64-row tiles, block_n=64, registers<=128", batch, None, wide),
-                ("64-row tiles, no scores", replace(batch, ctx=replace(batch.ctx, scores=None)), None, wide),
-                ("64-row tiles, block scores", replace(batch, ctx=replace(batch.ctx, score_block=selection.SCORE_BLOCK)),
-                 selection.SCORE_BLOCK, wide),
+                ("64-row tiles, no scores", unscored, None, wide),
+                ("64-row tiles, block scores", blocked, selection.SCORE_BLOCK, wide),
             ]
         for variant, run, block, overrides in variants:
 
@@ -460,7 +460,7 @@ def verify_sweep(results: dict) -> None:
                 return same
 
             timed_variant(results, f"{label} {variant}", run, check, **overrides)
-        batch = None
+        batch = unscored = blocked = None
 
 
 def tuning_sweep(results: dict) -> None:
