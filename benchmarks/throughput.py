@@ -44,6 +44,7 @@ ENGINE_METHODS = {
     "sparsespec_adaptive_2groups": dict(adaptive_draft=True, verify_groups=2),
     # Selection over 16-token block masses that the attention kernel sums (no second read of K).
     "sparsespec_block": dict(selection="pillar_block"),
+    "sparsespec_block_lockstep": dict(selection="pillar_block", unified_schedule=False),
 }
 
 
