@@ -557,18 +557,33 @@ def write_kv_timing(results: dict) -> None:
 
 
 def selection_timing(results: dict) -> None:
-    """The torch selection after a verification step, at Qwen3-8B size: is a fused kernel worth it?"""
-    from hf_sparsespec.attention.selection import select_tokens
+    """Selection after a verification step: the Triton kernel against the PyTorch rule (same result
+    required, ties included: block shares tie a block's positions), at the headline's shape (14 of
+    128 requests verifying per unified step, bench-code-lm's 8 layers x 2 heads at 16k), a
+    lockstep verification of all 128, and the Qwen3-8B shape (``--only selection`` runs this alone)."""
+    from hf_sparsespec.attention.selection import block_masses, select_tokens
 
-    verify_rows, layers, hkv, context = 14, 36, 8, 16384
-    scores = torch.rand(verify_rows, layers, hkv, context, device=DEVICE)
-    old_len = torch.randint(context // 2, context - 9, (verify_rows,), device=DEVICE)
-    width = math.ceil(0.05 * context)
-    count = torch.full((verify_rows,), width, device=DEVICE)
-    for policy in ("paper", "pillar"):
-        ms = triton.testing.do_bench(lambda: select_tokens(scores, old_len, count, policy, width), warmup=5, rep=20, return_mode="median")
-        results["selection"][policy] = {"ms": ms, "shape": [verify_rows, layers, hkv, context], "width": width}
-        print(f"[selection] {policy}: {ms:.3f} ms for {verify_rows} verifications x {layers} layers x {hkv} heads x {context}", flush=True)
+    shapes = [("bench unified", 14, 8, 2, 16384), ("bench lockstep", 128, 8, 2, 16384), ("qwen3-8b", 14, 36, 8, 16384)]
+    for label, verify_rows, layers, hkv, context in shapes:
+        gen = torch.Generator(device=DEVICE).manual_seed(5)
+        raw = torch.rand(verify_rows, layers, hkv, context, device=DEVICE, generator=gen) ** 8
+        old_len = torch.randint(context // 2, context - 9, (verify_rows,), device=DEVICE, generator=gen)
+        width = math.ceil(0.05 * context)
+        count = torch.full((verify_rows,), width, device=DEVICE)
+        for policy in ("pillar", "pillar_block"):
+            scores = raw
+            if policy == "pillar_block":
+                scores = block_masses(raw, 16).repeat_interleave(16, -1)[..., :context] / 16
+            want = select_tokens(scores, old_len, count, policy, width, use_triton=False)
+            got = select_tokens(scores, old_len, count, policy, width, use_triton=True)
+            entry = {"shape": [verify_rows, layers, hkv, context], "width": width, "equal": bool(torch.equal(got, want))}
+            for name, use in (("torch", False), ("triton", True)):
+                fn = lambda use=use: select_tokens(scores, old_len, count, policy, width, use_triton=use)  # noqa: E731
+                entry[f"{name}_graph_ms"] = graph_ms(fn)
+            results["selection"][f"{label} {policy}"] = entry
+            print(f"[selection] {label} {policy} {entry['shape']}: torch {entry['torch_graph_ms'] * 1e3:.0f} us, "
+                  f"triton {entry['triton_graph_ms'] * 1e3:.0f} us, {'equal' if entry['equal'] else 'DIFFERENT'}", flush=True)
+            save(results)
 
 
 def copy_bandwidth(results: dict) -> None:
@@ -614,7 +629,7 @@ def main() -> None:
     global OUT_FILE, TIME_BUDGET_S
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--only", choices=["verify-sweep", "tuning", "bench-tiles"], help="run one section instead of the whole check")
+    parser.add_argument("--only", choices=["verify-sweep", "tuning", "bench-tiles", "selection"], help="run one section instead of the whole check")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     OUT_FILE = args.out / "kernels_check.json"
@@ -624,6 +639,8 @@ def main() -> None:
     if args.only == "verify-sweep":
         sections = [correctness, verify_sweep]
         TIME_BUDGET_S = 200  # 8 checks, 22 variants
+    elif args.only == "selection":
+        sections = [selection_timing]
     elif args.only == "bench-tiles":
         sections = [bench_tiles]
         TIME_BUDGET_S = 240  # 21 variants

@@ -299,9 +299,9 @@ class Candidate:
         else:
             remember = None
         if isinstance(spec, str):
-            engine_module.select_tokens = lambda s, o, c, p, w: sel.select_tokens(s, o, c, spec, w)
+            engine_module.select_tokens = lambda s, o, c, p, w, **kw: sel.select_tokens(s, o, c, spec, w, **kw)
         else:
-            def select(scores, old_len, count, policy, width):
+            def select(scores, old_len, count, policy, width, **kwargs):
                 if remember is not None:
                     scores = remember(scores)
                 if block_lookback is not None:

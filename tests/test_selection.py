@@ -145,9 +145,9 @@ def test_mass_is_partial_with_a_small_budget(bench_model, short_code):
 def test_mass_ranks_a_good_selection_above_a_deliberately_bad_one(bench_model, short_code, monkeypatch):
     good = generate(bench_model, short_code, budget_ratio=0.05, selection="paper").spec_stats
 
-    def worst_tokens(scores, old_len, count, policy, width):
+    def worst_tokens(scores, old_len, count, policy, width, **kwargs):
         # The opposite of the published rule: the positions the verification attended to least.
-        return sel.select_tokens(-scores, old_len, count, "paper", width)
+        return sel.select_tokens(-scores, old_len, count, "paper", width, **kwargs)
 
     monkeypatch.setattr(engine_module, "select_tokens", worst_tokens)
     bad = generate(bench_model, short_code, budget_ratio=0.05, selection="paper").spec_stats
@@ -192,9 +192,9 @@ def test_block_policy_verifications_write_block_shares(bench_model, short_code, 
     seen = []
     original = engine_module.select_tokens
 
-    def select_tokens(scores, old_len, count, chosen_policy, width):
+    def select_tokens(scores, old_len, count, chosen_policy, width, **kwargs):
         seen.append((scores.clone(), old_len.clone()))
-        return original(scores, old_len, count, chosen_policy, width)
+        return original(scores, old_len, count, chosen_policy, width, **kwargs)
 
     monkeypatch.setattr(engine_module, "select_tokens", select_tokens)
     generate(bench_model, short_code, selection=policy, diagnostics=False)

@@ -8,7 +8,8 @@ Each case is a packed batch of random rows of every kind over a randomly paged p
 slots hold NaN; uninitialised allocations are NaN too (``fill_uninitialized_memory``), so an output
 element the kernels forget to write, or a slot they should not read, shows up as a mismatch.
 
-The fused RMSNorm and rotary kernels of ``generation/`` are checked the same way, against
+The selection kernel is checked against ``selection.select_tokens``'s PyTorch rule, and the fused
+RMSNorm and rotary kernels of ``generation/`` the same way, against
 transformers' own code and on tiny models. A third child compiles the kernels for sm_90 without a GPU (Triton ships ptxas), since the
 interpreter accepts code the compiler rejects. Numbers on the GPU: benchmarks/kernels_check.py.
 """
@@ -278,6 +279,29 @@ def _check_rotary(case):
     return {"layout_ok": got.stride() == x.stride(), "err": (got.float() - expected.float()).abs().max().item(), "tol": tol}
 
 
+# name: (policy, tied scores): each checks 3 verifications x 2 layers x 2 heads, over more positions
+# than one kernel chunk, a row taking every candidate and a row taking none.
+SELECT_CASES = {f"select {policy}{' tied' if tied else ''}": (policy, tied)
+                for policy in ("paper", "window", "pillar", "pillar_block") for tied in (False, True)}
+
+
+def _check_select(case):
+    import torch
+
+    from hf_sparsespec.attention import selection
+
+    policy, tied = SELECT_CASES[case]
+    torch.manual_seed(4)
+    n = 2500
+    scores = torch.rand(3, 2, 2, n)
+    if tied:  # block shares rounded coarsely: long runs of equal priorities across the threshold
+        scores = (selection.block_masses(scores, 16).repeat_interleave(16, -1)[..., :n] / 16).round(decimals=2)
+    old_len, count = torch.tensor([2500, 1100, 7]), torch.tensor([300, 1100, 0])
+    want = selection.select_tokens(scores, old_len, count, policy, 1200, use_triton=False)
+    got = selection.select_tokens(scores, old_len, count, policy, 1200, use_triton=True)
+    return {"equal": torch.equal(got, want), "mismatches": int((got != want).sum()), "dtype_ok": got.dtype == torch.int32}
+
+
 FUSED_NORMS_CASE = "fused norms on a tiny model"
 FUSED_ROTARY_CASE = "fused rotary on tiny models"
 
@@ -384,6 +408,8 @@ SM90_KERNELS = {
     "write_kv": ("_write_kv_kernel", dict(H=8, H_PAD=8, D=128, D_PAD=128), 4),
     "rms_norm": ("_rms_norm_kernel", dict(BLOCK_N=4096, ROWS=1), 4),
     "rotary": ("_rotary_kernel", dict(HALF=64, BLOCK=64), 1),
+    "select_pillar": ("_select_kernel", dict(SINKS=0, LOOKBACK=8, LOOKAHEAD=1, BY_POSITION=False, CHUNK=1024), 4),
+    "select_window": ("_select_kernel", dict(SINKS=4, LOOKBACK=0, LOOKAHEAD=0, BY_POSITION=True, CHUNK=1024), 4),
 }
 
 
@@ -400,13 +426,15 @@ def compile_sm90(kernel_name: str, constexprs: dict, warps: int, stages: int = 2
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from hf_sparsespec.attention import triton_kernels
+    from hf_sparsespec.attention import selection_kernel, triton_kernels
     from hf_sparsespec.generation import fused_norm, fused_rotary
 
-    fn = getattr(triton_kernels, kernel_name, None) or getattr(fused_norm, kernel_name, None) or getattr(fused_rotary, kernel_name)
+    modules = (triton_kernels, selection_kernel, fused_norm, fused_rotary)
+    fn = next(getattr(m, kernel_name) for m in modules if hasattr(m, kernel_name))
     if kernel_name in ("_attention_kernel", "_finish_kernel"):  # Qwen3-8B: 32 query heads over 8 KV heads of 128
         constexprs = dict(G=4, HKV=8, HQ=32, D=128, D_PAD=128, R_PAD=256, SPLIT_COST=16, **constexprs)
-    ints = {"bt_ptr": "i64", "sel_ptr": "i32", "sel_count_ptr": "i32", "is_draft_ptr": "i1", "slot_ptr": "i64"}
+    ints = {"bt_ptr": "i64", "sel_ptr": "i32", "sel_count_ptr": "i32", "is_draft_ptr": "i1", "slot_ptr": "i64",
+            "old_len_ptr": "i64", "count_ptr": "i64", "out_ptr": "i32" if kernel_name == "_select_kernel" else "bf16"}
     metadata = ("q_start_ptr", "q_len_ptr", "kv_len_ptr", "tail_ptr", "sel_slot_ptr", "score_row_ptr")
     fp32 = ("lse_ptr", "part_o_ptr", "part_lse_ptr", "scores_ptr", "blse_ptr")
     signature, attrs = {}, {}
@@ -417,7 +445,7 @@ def compile_sm90(kernel_name: str, constexprs: dict, warps: int, stages: int = 2
             signature[arg] = "*" + ints.get(arg, "i64" if arg in metadata else "fp32" if arg in fp32 else "bf16")
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            signature[arg] = "fp32" if arg in ("qk_scale", "eps") else "i32"
+            signature[arg] = "fp32" if arg in ("qk_scale", "eps", "recent_fraction") else "i32"
             if arg.startswith("stride_") and not arg.startswith(("stride_bt", "stride_sel", "stride_sc")):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
@@ -432,7 +460,8 @@ def _child(names: list[str]) -> None:
     checks = {
         **{name: _compile_sm90 for name in SM90_KERNELS}, **{name: _check_attention for name in CASES},
         **{name: _check_write_kv for name in WRITE_KV_CASES}, **{name: _check_rms_norm for name in NORM_CASES},
-        **{name: _check_rotary for name in ROTARY_CASES}, FUSED_NORMS_CASE: _check_fused_norms,
+        **{name: _check_rotary for name in ROTARY_CASES}, **{name: _check_select for name in SELECT_CASES},
+        FUSED_NORMS_CASE: _check_fused_norms,
         FUSED_ROTARY_CASE: _check_fused_rotary,
     }
     results = {}
@@ -467,7 +496,8 @@ def _run_children(groups: list[tuple[list[str], bool]]) -> dict:
 @pytest.fixture(scope="module")
 def results():
     pytest.importorskip("triton")
-    names = list(CASES) + list(WRITE_KV_CASES) + list(NORM_CASES) + [FUSED_NORMS_CASE] + list(ROTARY_CASES) + [FUSED_ROTARY_CASE]
+    names = (list(CASES) + list(WRITE_KV_CASES) + list(NORM_CASES) + [FUSED_NORMS_CASE] + list(ROTARY_CASES)
+             + [FUSED_ROTARY_CASE] + list(SELECT_CASES))
     # Sized for the two cores of a small CI machine.
     return _run_children([(names[0::2], True), (names[1::2], True), (list(SM90_KERNELS), False)])
 
@@ -523,6 +553,13 @@ def test_fused_rotary_swaps_only_what_it_reproduces(results):
         assert r[arch]["kernel_calls"] == 4, r  # queries and keys of both layers
         assert r[arch]["err"] <= 1e-5 and r[arch]["after_identical"], r
     assert r["partial_rotary_refused"], "a rotary variant the kernel does not compute must keep its own code"
+
+
+@pytest.mark.parametrize("case", list(SELECT_CASES))
+def test_selection_kernel_matches_reference(results, case):
+    r = results[case]
+    assert "error" not in r, r.get("error")
+    assert r["dtype_ok"] and r["equal"], r
 
 
 @pytest.mark.parametrize("kernel", list(SM90_KERNELS))

@@ -4,12 +4,16 @@ Every policy is written as a priority over positions: the ``count`` highest-prio
 among ``[0, old_len)`` are selected (positions from ``old_len`` on form the tail that drafts always
 see). ``+inf`` forces a position in, ``-inf`` keeps it out. Everything is batched tensor code: it runs
 on the device after every verification, inside the captured decode iteration, so it may not read
-anything back to the host or depend on per-request Python.
+anything back to the host or depend on per-request Python. On CUDA the engine's policies run as one
+Triton kernel (``selection_kernel.py``) with the same result.
 
 docs/selection.md has the measurements behind the "pillar" knobs.
 """
 
 from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -122,9 +126,13 @@ def selection_priority(scores: torch.Tensor, old_len: torch.Tensor, count: torch
 
 
 def top_positions(priority: torch.Tensor, count: torch.Tensor, width: int) -> torch.Tensor:
-    """The ``count[v]`` highest-priority positions: [V, L, H, width] int32, ascending, -1 padded."""
+    """The ``count[v]`` highest-priority positions: [V, L, H, width] int32, ascending, -1 padded.
+
+    Among equal priorities the lower positions go first (block scores tie a block's positions), so
+    the result is a function of the priorities alone, as the Triton kernel computes it.
+    """
     k = min(width, priority.shape[-1])
-    top = torch.topk(priority, k, dim=-1, sorted=True).indices  # best first
+    top = torch.sort(priority, dim=-1, descending=True, stable=True).indices[..., :k]  # best first
     rank_ok = torch.arange(k, device=priority.device)[None, :] < count[:, None]  # [V, k]
     # Ascending positions read the pool in order; -1 padding goes last.
     big = torch.iinfo(torch.int32).max
@@ -136,11 +144,47 @@ def top_positions(priority: torch.Tensor, count: torch.Tensor, width: int) -> to
     return chosen
 
 
+@dataclass(frozen=True)
+class KernelRule:
+    """A policy as the Triton selection kernel computes it: the priority of a position is its score
+    max-pooled over ``lookback`` positions before and ``lookahead`` after (or the position itself
+    when ``by_position``), with the first ``sinks`` positions and the newest ``recent_fraction`` of
+    the budget forced in."""
+
+    lookback: int = 0
+    lookahead: int = 0
+    recent_fraction: float = 0.0
+    sinks: int = 0
+    by_position: bool = False
+
+
+def kernel_rule(policy: str) -> KernelRule | None:
+    """The kernel's knobs for ``policy``, or None where it has none (block-summed "pillar")."""
+    if policy == "paper":
+        return KernelRule()
+    if policy == "window":
+        return KernelRule(sinks=SINK_TOKENS, by_position=True)
+    if policy == "pillar" and PILLAR_BLOCK == 1:
+        return KernelRule(PILLAR_LOOKBACK, PILLAR_LOOKAHEAD, PILLAR_RECENT_FRACTION, PILLAR_SINKS)
+    if policy == "pillar_block":
+        return KernelRule(PILLAR_LOOKBACK, PILLAR_LOOKAHEAD, PILLAR_BLOCK_RECENT_FRACTION, PILLAR_SINKS)
+    return None
+
+
 def select_tokens(
-    scores: torch.Tensor, old_len: torch.Tensor, count: torch.Tensor, policy: str, width: int
+    scores: torch.Tensor, old_len: torch.Tensor, count: torch.Tensor, policy: str, width: int,
+    use_triton: bool | None = None,
 ) -> torch.Tensor:
     """Selected positions per (request, layer, KV head): [V, L, H, width] int32, ascending, -1 padded.
 
-    ``count[v] <= min(old_len[v], width)`` entries of row ``v`` are valid.
+    ``count[v] <= min(old_len[v], width)`` entries of row ``v`` are valid. ``use_triton`` runs the
+    Triton kernel (same result); None picks it for CUDA tensors when Triton is installed.
     """
+    rule = kernel_rule(policy)
+    if use_triton is None:
+        use_triton = scores.is_cuda and importlib.util.find_spec("triton") is not None
+    if use_triton and rule is not None:
+        from .selection_kernel import select_tokens_triton
+
+        return select_tokens_triton(scores, old_len, count, width, **asdict(rule))
     return top_positions(selection_priority(scores, old_len, count, policy), count, width)

@@ -329,7 +329,8 @@ class Engine:
         if self.presence is not None:
             self._mark_present(slots, tokens)
         if attn_scores is not None:
-            chosen = select_tokens(attn_scores[: slots.shape[0]], v["v_old_len"], v["v_count"], self.config.selection, self.sel_width)
+            chosen = select_tokens(attn_scores[: slots.shape[0]], v["v_old_len"], v["v_count"], self.config.selection, self.sel_width,
+                                   use_triton=self.runner.use_triton)
             self.selection[slots] = chosen
             self.sel_count[slots] = v["v_count"].to(torch.int32)
         return accepted, tokens

@@ -1,0 +1,138 @@
+"""Selection as one Triton kernel: ``selection.select_tokens`` for the policies the engine runs.
+
+On the GPU the PyTorch rule took ~15 launches per verification step (max-pool, a radix top-k over
+every position, a sort of the chosen ones, masks): ~280 us of a 2 ms unified step at batch 128 x
+16k on the H200 (benchmarks/results/h200/session7). Here one program per (verification, layer, KV
+head) row computes each candidate's priority on the fly (pooled score, forced positions), finds
+the ``count``-th largest by a radix select over order-preserving integer keys (four passes of
+8-bit histograms), and writes the chosen positions in ascending order, which is the order a scan
+meets them in, so nothing is sorted. Ties at the threshold go to lower positions, as in the
+reference's stable sort.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["select_tokens_triton"]
+
+_CHUNK = 1024  # positions per loop iteration
+
+
+@triton.jit
+def _keys(scores_row, pos, n, old_len, forced_from, SINKS: tl.constexpr, LOOKBACK: tl.constexpr,
+          LOOKAHEAD: tl.constexpr, BY_POSITION: tl.constexpr):
+    """Order-preserving uint32 keys of the priorities of positions ``pos`` (candidates: ``< old_len``)."""
+    if BY_POSITION:
+        p = pos.to(tl.float32)
+    else:
+        p = tl.load(scores_row + pos, mask=pos < n, other=float("-inf"))
+        for d in tl.static_range(1, LOOKBACK + 1):
+            q = pos - d
+            p = tl.maximum(p, tl.load(scores_row + q, mask=(q >= 0) & (q < n), other=float("-inf")))
+        for d in tl.static_range(1, LOOKAHEAD + 1):
+            q = pos + d
+            p = tl.maximum(p, tl.load(scores_row + q, mask=q < n, other=float("-inf")))
+    p = tl.where((pos < SINKS) | (pos >= forced_from), float("inf"), p)
+    bits = p.to(tl.int32, bitcast=True)
+    # Negative floats order backwards as integers: flip them whole; positive ones get the top bit.
+    key = tl.where(bits < 0, ~bits, bits ^ -2147483648)
+    return key.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _radix_pass(prefix, need, scores_row, n, old_len, forced_from, SHIFT: tl.constexpr, SINKS: tl.constexpr,
+                LOOKBACK: tl.constexpr, LOOKAHEAD: tl.constexpr, BY_POSITION: tl.constexpr, CHUNK: tl.constexpr):
+    """One 8-bit digit of the threshold: ``prefix`` holds the digits above SHIFT found so far, and
+    ``need`` how many of the keys that share them are still to be taken; returns both updated."""
+    offs = tl.arange(0, CHUNK)
+    bins = tl.arange(0, 256)
+    hist = tl.zeros([256], tl.int32)
+    for start in range(0, old_len, CHUNK):
+        pos = start + offs
+        ok = pos < old_len
+        key = _keys(scores_row, pos, n, old_len, forced_from, SINKS, LOOKBACK, LOOKAHEAD, BY_POSITION)
+        if SHIFT < 24:
+            ok = ok & ((key >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
+        hist += tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=ok)
+    at_or_above = tl.cumsum(hist, 0, reverse=True)
+    digit = tl.max(tl.where(at_or_above >= need, bins, -1), 0)
+    need -= tl.sum(tl.where(bins > digit, hist, 0), 0)
+    return prefix | (digit.to(tl.uint32) << SHIFT), need
+
+
+@triton.jit
+def _select_kernel(
+    scores_ptr, old_len_ptr, count_ptr, out_ptr, recent_fraction,
+    N, WIDTH, ROWS_PER_V, stride_row, stride_out,
+    SINKS: tl.constexpr, LOOKBACK: tl.constexpr, LOOKAHEAD: tl.constexpr, BY_POSITION: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    v = row // ROWS_PER_V
+    scores_row = scores_ptr + row.to(tl.int64) * stride_row
+    out_row = out_ptr + row.to(tl.int64) * stride_out
+    old_len = tl.load(old_len_ptr + v).to(tl.int32)
+    count = tl.minimum(tl.load(count_ptr + v).to(tl.int32), tl.minimum(old_len, WIDTH))
+    recent = tl.floor(count.to(tl.float32) * recent_fraction).to(tl.int32)
+    forced_from = old_len - recent
+    offs = tl.arange(0, CHUNK)
+
+    # Radix select of the count-th largest key, 8 bits at a time from the top.
+    prefix = tl.zeros([], tl.uint32)
+    need = count
+    if count > 0:
+        prefix, need = _radix_pass(prefix, need, scores_row, N, old_len, forced_from, 24, SINKS, LOOKBACK, LOOKAHEAD,
+                                   BY_POSITION, CHUNK)
+        prefix, need = _radix_pass(prefix, need, scores_row, N, old_len, forced_from, 16, SINKS, LOOKBACK, LOOKAHEAD,
+                                   BY_POSITION, CHUNK)
+        prefix, need = _radix_pass(prefix, need, scores_row, N, old_len, forced_from, 8, SINKS, LOOKBACK, LOOKAHEAD,
+                                   BY_POSITION, CHUNK)
+        prefix, need = _radix_pass(prefix, need, scores_row, N, old_len, forced_from, 0, SINKS, LOOKBACK, LOOKAHEAD,
+                                   BY_POSITION, CHUNK)
+
+    # Emit keys above the threshold and the first ``need`` equal to it, in position order.
+    taken = 0
+    ties = 0
+    for start in range(0, tl.where(count > 0, old_len, 0), CHUNK):
+        pos = start + offs
+        ok = pos < old_len
+        key = _keys(scores_row, pos, N, old_len, forced_from, SINKS, LOOKBACK, LOOKAHEAD, BY_POSITION)
+        above = ok & (key > prefix)
+        equal = ok & (key == prefix)
+        tie_rank = ties + tl.cumsum(equal.to(tl.int32), 0) - 1
+        chosen = above | (equal & (tie_rank < need))
+        index = taken + tl.cumsum(chosen.to(tl.int32), 0) - 1
+        tl.store(out_row + index, pos, mask=chosen)
+        taken += tl.sum(chosen.to(tl.int32), 0)
+        ties += tl.sum(equal.to(tl.int32), 0)
+    for start in range(count, WIDTH, CHUNK):
+        pos = start + offs
+        tl.store(out_row + pos, tl.full([CHUNK], -1, tl.int32), mask=pos < WIDTH)
+
+
+def select_tokens_triton(
+    scores: torch.Tensor, old_len: torch.Tensor, count: torch.Tensor, width: int, *,
+    lookback: int, lookahead: int, recent_fraction: float, sinks: int, by_position: bool,
+) -> torch.Tensor:
+    """Selected positions per (request, layer, KV head): [V, L, H, width] int32, ascending, -1 padded.
+
+    The rule's knobs are ``selection.KernelRule``'s; the caller checks the policy has one.
+    """
+    v, layers, heads, n = scores.shape
+    out = torch.empty(v, layers, heads, width, dtype=torch.int32, device=scores.device)
+    if out.numel() == 0:
+        return out
+    rows = scores.reshape(v * layers * heads, n)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    flat = out.view(-1, width)
+    _select_kernel[(v * layers * heads,)](
+        rows, old_len, count, flat, float(recent_fraction),
+        n, width, layers * heads, rows.stride(0), flat.stride(0),
+        SINKS=sinks, LOOKBACK=lookback, LOOKAHEAD=lookahead, BY_POSITION=by_position, CHUNK=_CHUNK,
+        num_warps=4,
+    )
+    return out
