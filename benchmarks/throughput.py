@@ -45,6 +45,9 @@ ENGINE_METHODS = {
     # Selection over 16-token block masses that the attention kernel sums (no second read of K).
     "sparsespec_block": dict(selection="pillar_block"),
     "sparsespec_block_lockstep": dict(selection="pillar_block", unified_schedule=False),
+    # Speculation to the end of the batch (the default decodes its thin tail plainly).
+    "sparsespec_block_no_tail": dict(selection="pillar_block", plain_tail=0.0),
+    "sparsespec_no_tail": dict(plain_tail=0.0),
 }
 
 

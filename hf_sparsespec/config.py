@@ -41,6 +41,12 @@ class SparseSpecConfig:
             spread over. ``None`` uses all ``draft_len + 1``, the most even load per forward; fewer
             groups verify more requests per forward and so pay each verification step's fixed costs
             (sampling, selection) less often, which pays off where those costs rival the KV reads.
+        plain_tail: once no prompt waits and at most this fraction of the call's largest number of
+            live requests is left, their new rounds decode plainly (one verified token per forward).
+            Each draft is a forward of its own, so speculation never takes fewer forwards than plain
+            decoding; it pays only where a forward's cost is mostly full-context KV reads, which a
+            thinning batch no longer has, while its fixed per-forward cost stays. ``0`` speculates
+            to the end.
         delayed_verification: let requests that just verified sit out one iteration, so their results
             travel to the host while the others keep the accelerator busy.
         offload: move whole requests' KV to host memory when the pool runs out, instead of failing.
@@ -68,6 +74,7 @@ class SparseSpecConfig:
     prefill_chunk: int = 4096
     unified_schedule: bool = True
     verify_groups: int | None = None
+    plain_tail: float = 0.5
     delayed_verification: bool = True
     offload: bool = True
     use_triton: bool | None = None
@@ -94,6 +101,8 @@ class SparseSpecConfig:
         for name in ("kv_pool_tokens", "verify_groups"):
             if getattr(self, name) is not None:
                 positive_int(name)
+        if not 0.0 <= self.plain_tail < 1.0:
+            raise ValueError(f"`plain_tail` must be in [0, 1) (0 speculates to the end), got {self.plain_tail!r}.")
         if not 0.0 < self.kv_memory_fraction < 1.0:
             raise ValueError(f"`kv_memory_fraction` must be in (0, 1), got {self.kv_memory_fraction!r}.")
 

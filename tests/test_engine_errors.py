@@ -66,6 +66,8 @@ BAD_VALUES = [
     ("kv_pool_tokens", 0),
     ("verify_groups", 0),
     ("kv_memory_fraction", 1.5),
+    ("plain_tail", 1.0),
+    ("plain_tail", -0.1),
 ]
 
 

@@ -77,3 +77,62 @@ def test_adaptive_rounds_are_short_where_drafts_fail_and_long_where_they_hold(be
     code = bench_tokenizer(["def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n"], return_tensors="pt")
     trained_stats = bench_model.generate(**code, **{**options, "max_new_tokens": 96}).spec_stats
     assert random_stats["mean_draft_len"] < 3 < trained_stats["mean_draft_len"], (random_stats, trained_stats)
+
+
+def test_thin_tail_rule_counts_live_requests_against_the_peak():
+    from hf_sparsespec.config import SparseSpecConfig
+    from hf_sparsespec.generation.request import Request
+    from hf_sparsespec.generation.scheduler import Scheduler
+
+    def request(i):
+        return Request(index=i, prompt=[1, 2], hf_prefix=torch.tensor([1, 2]), max_new_tokens=50, prefilled=2)
+
+    scheduler = Scheduler(SparseSpecConfig(plain_tail=0.5, unified_schedule=False), cache=None, num_slots=8)
+    scheduler.add([request(i) for i in range(4)])
+    scheduler.active, scheduler.queue = list(scheduler.queue), type(scheduler.queue)()
+    scheduler.start_round(scheduler.active[0], first=False)
+    assert scheduler.active[0].round_len == 8 and not scheduler.active[0].plain
+    del scheduler.active[2:]  # two of four finished: the tail starts
+    scheduler.start_round(scheduler.active[0], first=False)
+    assert scheduler.active[0].round_len == 0 and scheduler.active[0].plain
+    late = request(9)
+    scheduler.queue.append(late)  # a waiting prompt refills the batch: no tail yet for the others
+    scheduler.start_round(scheduler.active[1], first=False)
+    assert scheduler.active[1].round_len == 8 and not scheduler.active[1].plain
+    never = Scheduler(SparseSpecConfig(plain_tail=0.0), cache=None, num_slots=8)
+    never.add([request(0)])
+    never.active, never.queue = list(never.queue), type(never.queue)()
+    never.start_round(never.active[0], first=False)
+    assert never.active[0].round_len == 8
+
+
+@pytest.mark.parametrize("plain_tail", [0.0, 0.75])
+def test_thin_tail_decodes_plainly_and_identically(bench_model, bench_tokenizer, monkeypatch, plain_tail):
+    from conftest import code_prompts
+    from test_greedy_equivalence import left_padded
+
+    plain_rows = []
+    original_launch = engine_module.Engine._launch
+
+    def launch(self, rows):
+        plain_rows.extend((row.kind, row.num_tokens) for row in rows if row.request.plain)
+        return original_launch(self, rows)
+
+    monkeypatch.setattr(engine_module.Engine, "_launch", launch)
+    text = code_prompts(bench_tokenizer, 160, 4)
+    rows = [bench_tokenizer(t).input_ids[:n] for t, n in zip(text, (160, 120, 80, 40))]
+    ids, mask = left_padded(rows, pad=bench_tokenizer.pad_token_id)
+    expected = bench_model.generate(ids, attention_mask=mask, max_new_tokens=64, do_sample=False)
+    out = bench_model.generate(ids, attention_mask=mask, max_new_tokens=64, do_sample=False, draft_len=8, min_budget=16,
+                               plain_tail=plain_tail, custom_generate=hf_sparsespec.generate, return_dict_in_generate=True)
+    torch.testing.assert_close(out.sequences, expected, rtol=0, atol=0)
+    stats = out.spec_stats
+    if plain_tail:
+        # Requests finish at different steps (their drafts are accepted at different rates); once at
+        # most 3 of 4 are left, the rest verify one token per row and draft no more.
+        assert stats["num_plain_steps"] > 0 and plain_rows
+        assert set(plain_rows) == {(RowKind.VERIFY, 1)}
+        assert stats["num_plain_steps"] == len(plain_rows)
+    else:
+        assert stats["num_plain_steps"] == 0 and not plain_rows
+    assert stats["mean_accepted"] > 1  # over speculative rounds only

@@ -193,15 +193,17 @@ def test_block_policy_verifications_write_block_shares(bench_model, short_code, 
     original = engine_module.select_tokens
 
     def select_tokens(scores, old_len, count, chosen_policy, width, **kwargs):
-        seen.append((scores.clone(), old_len.clone()))
+        seen.append((scores.clone(), old_len.clone(), count.clone()))
         return original(scores, old_len, count, chosen_policy, width, **kwargs)
 
     monkeypatch.setattr(engine_module, "select_tokens", select_tokens)
     generate(bench_model, short_code, selection=policy, diagnostics=False)
     block = sel.SCORE_BLOCK
     spread = 0.0
-    for scores, old_len in seen:
+    for scores, old_len, count in seen:
         for v, length in enumerate(old_len.tolist()):
+            if not count[v]:
+                continue  # plain decoding in the batch's tail: nothing scored or selected
             whole = length // block * block  # blocks wholly before the verification's own tokens
             blocks = scores[v, ..., :whole].unflatten(-1, (-1, block))
             assert bool((blocks.sum(-1) > 0).any())

@@ -41,6 +41,7 @@ class SpecStats:
     num_forward_passes: int = 0
     num_draft_steps: int = 0  # draft rows run (one token each)
     num_verify_steps: int = 0  # verification rows run
+    num_plain_steps: int = 0  # of which rows of plain decoding in the batch's thin tail (``plain_tail``)
     num_drafts_verified: int = 0
     num_drafts_accepted: int = 0
     num_offloads: int = 0
@@ -52,13 +53,14 @@ class SpecStats:
     mean_accepted_per_sequence: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        verified_rounds = max(self.num_verify_steps, 1)
+        verified_rounds = max(self.num_verify_steps - self.num_plain_steps, 1)
         return {
             "mean_accepted": self.num_drafts_accepted / verified_rounds,
             "acceptance_rate": self.num_drafts_accepted / max(self.num_drafts_verified, 1),
             "mean_draft_len": self.num_drafts_verified / verified_rounds,
             "num_draft_steps": self.num_draft_steps,
             "num_verify_steps": self.num_verify_steps,
+            "num_plain_steps": self.num_plain_steps,
             "num_forward_passes": self.num_forward_passes,
             "num_offloads": self.num_offloads,
             "new_tokens": self.new_tokens,
@@ -255,7 +257,8 @@ class Engine:
                 self.stats.num_draft_steps += 1
             else:
                 self.stats.num_verify_steps += 1
-                if self.config.speculate:
+                self.stats.num_plain_steps += req.plain
+                if self.config.speculate and not req.plain:
                     req.waiting = True
                 else:
                     # Plain decoding commits exactly one token per row, so the next row's position
@@ -408,7 +411,9 @@ class Engine:
                 continue
             m, tokens = host[results.result_rows[j]][0], host[results.result_rows[j]][1:]
             committed = self._commit(req, tokens[: m + 1], results, j)
-            if row.kind is RowKind.VERIFY:
+            # A row of plain decoding in speculative mode: the request turned plain before it ran.
+            plain_row = row.kind is RowKind.VERIFY and (not self.config.speculate or (req.plain and req.round_len == 0))
+            if row.kind is RowKind.VERIFY and not plain_row:
                 self.stats.num_drafts_verified += req.round_len
                 self.stats.num_drafts_accepted += m
                 req.acceptance.observe(m, req.round_len)
@@ -416,7 +421,7 @@ class Engine:
                 req.drafts_accepted += m
             if req.finished:
                 continue
-            if row.kind is RowKind.VERIFY and not self.config.speculate:
+            if plain_row:
                 req.in_flight -= 1  # its position was taken at launch
             elif row.kind is RowKind.PREFILL:
                 req.num_cached = len(req.prompt)

@@ -34,6 +34,7 @@ class Request:
     prefilled: int = 0
     num_cached: int = 0
     round_len: int = 0  # drafts planned in this round
+    plain: bool = False  # decodes without drafts from now on (the batch's thin tail)
     drafted: int = 0  # drafts already launched in this round
     tail_start: int = 0  # drafts always see positions >= this
     has_selection: bool = False
@@ -42,7 +43,7 @@ class Request:
     # device, and this counts the tokens sampled there that the host has not read yet.
     in_flight: int = 0
     acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)  # of its recent rounds
-    rounds: int = 0  # verified rounds (every verification row, also plain decoding's)
+    rounds: int = 0  # verified rounds that had drafts
     drafts_accepted: int = 0
     finished: bool = False
     offloaded: HostKV | None = None

@@ -2,7 +2,8 @@
 
 Admission is continuous (a call may hold more prompts than ``max_batch_size``), rounds are
 staggered over draft phases so verification rows spread evenly over iterations (the paper's unified
-scheduler), and when the pool runs out whole requests move to host memory rather than failing.
+scheduler), the batch's thin tail decodes plainly (``plain_tail``), and when the pool runs out whole
+requests move to host memory rather than failing.
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ class Scheduler:
         self.active: list[Request] = []  # admission order
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.num_offloads = 0
+        self.peak_live = 0  # most requests live or queued at once in this call
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def add(self, requests: list[Request]) -> None:
         self.queue.extend(requests)
+        self.peak_live = max(self.peak_live, len(self.queue) + len(self.active))
 
     @property
     def has_work(self) -> bool:
@@ -54,7 +57,9 @@ class Scheduler:
 
     def start_round(self, request: Request, first: bool) -> None:
         """Set the number of drafts before the request's next verification."""
-        longest = min(self.config.draft_len, request.remaining - 1) if self.config.speculate else 0
+        request.plain = request.plain or self._thin_tail()
+        speculate = self.config.speculate and not request.plain
+        longest = min(self.config.draft_len, request.remaining - 1) if speculate else 0
         if self.config.adaptive_draft:
             longest = best_draft_len(request.acceptance.rate, longest)
         length = longest
@@ -68,6 +73,10 @@ class Scheduler:
             load = Counter(r.round_len - r.drafted for r in self.active if r is not request and r.prefill_done)
             length = min(choices, key=lambda v: load[v])
         request.round_len, request.drafted = length, 0
+
+    def _thin_tail(self) -> bool:
+        """Whether so few requests are left that plain decoding beats speculation (``plain_tail``)."""
+        return not self.queue and len(self.active) <= self.config.plain_tail * self.peak_live
 
     # ---- planning ----------------------------------------------------------------------------
     def plan(self) -> list[Row]:

@@ -40,7 +40,6 @@ class HostStep:
     post: dict[str, np.ndarray]
     num_tokens: int
     num_logits: int
-    num_scores: int
     max_kv_len: int
     has_prefill: bool
     commit_rows: list[int]  # rows whose tokens are committed by this step: ends of prefill, verifications
@@ -66,6 +65,7 @@ def build_step(
     needs = np.ones(count, bool)  # row produces logits
     round_len = np.zeros(count, np.int64)
     old_len = np.zeros(count, np.int64)
+    plain = np.zeros(count, bool)  # verification rows of plain decoding: no scores, no selection
     prefill_ids = []
     for i, row in enumerate(rows):
         req = row.request
@@ -80,6 +80,7 @@ def build_step(
         else:
             kind[i], start[i] = VERIFY, req.num_cached
             round_len[i], old_len[i] = req.round_len, req.num_cached
+            plain[i] = req.plain
 
     q_start = np.concatenate([[0], np.cumsum(n)[:-1]])
     total = int(n.sum())
@@ -98,8 +99,8 @@ def build_step(
     logits_start = np.where(per_row > 0, np.concatenate([[0], np.cumsum(per_row)[:-1]]), -1)
 
     is_verify = kind == VERIFY
-    scored = is_verify & with_scores
-    score_row = np.where(scored, np.cumsum(scored) - 1, -1)
+    # Score rows follow the verification rows' order, which is how the selection reads them.
+    score_row = np.where(is_verify & with_scores & ~plain, np.cumsum(is_verify) - 1, -1)
 
     # Post-processing indices, per logits position and per row.
     pos_row = token_row[wants]
@@ -123,7 +124,7 @@ def build_step(
         "v_num_drafts": round_len[verify_rows],
         "v_start": logits_start[verify_rows],
         "v_old_len": old_len[verify_rows],
-        "v_count": np.minimum(v_count, sel_width),
+        "v_count": np.where(plain[verify_rows], 0, np.minimum(v_count, sel_width)),
         "hf_length": prompt_width + done[pos_row] + pos_extra,
         "pos_slot": slot[pos_row],
         "pos_extra": pos_extra,
@@ -150,7 +151,6 @@ def build_step(
         post=post,
         num_tokens=total,
         num_logits=len(logits_index),
-        num_scores=int(scored.sum()),
         max_kv_len=int((start + n).max()),
         has_prefill=bool((kind == PREFILL).any()),
         commit_rows=commit_single.tolist() + verify_rows.tolist(),

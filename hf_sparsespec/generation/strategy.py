@@ -53,6 +53,7 @@ def generate(
     prefill_chunk: int | None = None,
     unified_schedule: bool | None = None,
     verify_groups: int | None = None,
+    plain_tail: float | None = None,
     delayed_verification: bool | None = None,
     offload: bool | None = None,
     use_triton: bool | None = None,
