@@ -561,7 +561,10 @@ def selection_timing(results: dict) -> None:
     required, ties included: block shares tie a block's positions), at the headline's shape (14 of
     128 requests verifying per unified step, bench-code-lm's 8 layers x 2 heads at 16k), a
     lockstep verification of all 128, and the Qwen3-8B shape (``--only selection`` runs this alone)."""
-    from hf_sparsespec.attention.selection import block_masses, select_tokens
+    from dataclasses import asdict
+
+    from hf_sparsespec.attention.selection import block_masses, kernel_rule, select_tokens
+    from hf_sparsespec.attention.selection_kernel import select_tokens_triton
 
     shapes = [("bench unified", 14, 8, 2, 16384), ("bench lockstep", 128, 8, 2, 16384), ("qwen3-8b", 14, 36, 8, 16384)]
     for label, verify_rows, layers, hkv, context in shapes:
@@ -580,6 +583,13 @@ def selection_timing(results: dict) -> None:
             for name, use in (("torch", False), ("triton", True)):
                 fn = lambda use=use: select_tokens(scores, old_len, count, policy, width, use_triton=use)  # noqa: E731
                 entry[f"{name}_graph_ms"] = graph_ms(fn)
+            rule = asdict(kernel_rule(policy))
+            for chunk, warps in ((2048, 8), (4096, 8), (4096, 16), (8192, 16)):
+                fn = lambda c=chunk, w=warps: select_tokens_triton(scores, old_len, count, width, **rule, chunk=c, num_warps=w)  # noqa: E731
+                same = bool(torch.equal(fn(), want))
+                entry[f"triton chunk {chunk} warps {warps}"] = {"graph_ms": graph_ms(fn), "equal": same}
+                print(f"[selection]   chunk {chunk}, {warps} warps: {entry[f'triton chunk {chunk} warps {warps}']['graph_ms'] * 1e3:.0f} us"
+                      f" {'equal' if same else 'DIFFERENT'}", flush=True)
             results["selection"][f"{label} {policy}"] = entry
             print(f"[selection] {label} {policy} {entry['shape']}: torch {entry['torch_graph_ms'] * 1e3:.0f} us, "
                   f"triton {entry['triton_graph_ms'] * 1e3:.0f} us, {'equal' if entry['equal'] else 'DIFFERENT'}", flush=True)
@@ -618,8 +628,9 @@ def table(results: dict) -> None:
             continue
         print(f"{name:34s} {t['ms'] * 1e3:9.1f} {t['graph_ms'] * 1e3:9.1f} {t['bytes'] / 1e6:8.1f} {t['tb_per_s']:6.2f} "
               f"{t['pct_of_4.3']:5.0f}  {t['note']}")
-    for policy, sel in results["selection"].items():
-        print(f"selection ({policy}, torch) {sel['shape']} width {sel['width']}: {sel['ms']:.3f} ms per verification step")
+    for label, sel in results["selection"].items():
+        print(f"selection {label} {sel['shape']} width {sel['width']}: torch {sel['torch_graph_ms'] * 1e3:.0f} us, "
+              f"triton {sel['triton_graph_ms'] * 1e3:.0f} us per verification step, {'equal' if sel['equal'] else 'DIFFERENT'}")
     if results["skipped"]:
         print("skipped (time budget):", ", ".join(results["skipped"]))
     print(f"elapsed {results['elapsed_s']:.0f} s")

@@ -18,7 +18,7 @@ import triton.language as tl
 
 __all__ = ["select_tokens_triton"]
 
-_CHUNK = 1024  # positions per loop iteration
+_CHUNK, _NUM_WARPS = 1024, 4  # positions per loop iteration, warps per program
 
 
 @triton.jit
@@ -116,10 +116,12 @@ def _select_kernel(
 def select_tokens_triton(
     scores: torch.Tensor, old_len: torch.Tensor, count: torch.Tensor, width: int, *,
     lookback: int, lookahead: int, recent_fraction: float, sinks: int, by_position: bool,
+    chunk: int = _CHUNK, num_warps: int = _NUM_WARPS,
 ) -> torch.Tensor:
     """Selected positions per (request, layer, KV head): [V, L, H, width] int32, ascending, -1 padded.
 
-    The rule's knobs are ``selection.KernelRule``'s; the caller checks the policy has one.
+    The rule's knobs are ``selection.KernelRule``'s; the caller checks the policy has one. ``chunk``
+    and ``num_warps`` are tuning overrides (positions per loop iteration, a power of 2 >= 256).
     """
     v, layers, heads, n = scores.shape
     out = torch.empty(v, layers, heads, width, dtype=torch.int32, device=scores.device)
@@ -132,7 +134,7 @@ def select_tokens_triton(
     _select_kernel[(v * layers * heads,)](
         rows, old_len, count, flat, float(recent_fraction),
         n, width, layers * heads, rows.stride(0), flat.stride(0),
-        SINKS=sinks, LOOKBACK=lookback, LOOKAHEAD=lookahead, BY_POSITION=by_position, CHUNK=_CHUNK,
-        num_warps=4,
+        SINKS=sinks, LOOKBACK=lookback, LOOKAHEAD=lookahead, BY_POSITION=by_position, CHUNK=chunk,
+        num_warps=num_warps,
     )
     return out
