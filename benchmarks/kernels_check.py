@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -515,7 +516,19 @@ def bench_tiles(results: dict) -> None:
         ("8 items/SM", dict(target_items=8 * sms)),
         ("16 items/SM", dict(target_items=16 * sms)),
     ]
-    cases = [
+    if os.environ.get("BENCH_TILES_SPLIT"):
+        # The unified step's two halves alone, padded as in its graph: would a launch of their own,
+        # with tiles of their own, pay for the verification rows?
+        variants = [("default", {}), ("block_m=32", wide), ("block_m=32, registers<=128/168", dict(wide, max_registers=128, finish_max_registers=168)),
+                    ("block_m=64, registers<=128/168", dict(block_m=64, max_registers=128, finish_max_registers=168)),
+                    ("block_m=64, block_n=64, registers<=128/168", dict(block_m=64, block_n=64, max_registers=128, finish_max_registers=168))]
+        cases = [
+            ("14 verify of unified 16k bench-shape block scores", lambda: build("bench", bf, 16, decode_rows(["verify"] * 14, [16384] * 14), graph_like=True, tokens=256)),
+            ("114 draft of unified 16k bench-shape", lambda: build("bench", bf, 16, decode_rows(["draft"] * 114, [16384] * 114), graph_like=True, tokens=256)),
+        ]
+    else:
+        cases = []
+    cases = cases or [
         ("unified b128 16k bench-shape block scores", lambda: build("bench", bf, 16, decode_rows(unified, [16384] * 128), graph_like=True, tokens=256)),
         ("draft b128 16k bench-shape", lambda: build("bench", bf, 16, decode_rows(["draft"] * 128, [16384] * 128), graph_like=True, tokens=128)),
         ("full decode b128 16k bench-shape", lambda: build("bench", bf, 16, decode_rows(["full"] * 128, [16384] * 128), graph_like=True, tokens=128)),
@@ -596,6 +609,27 @@ def selection_timing(results: dict) -> None:
             save(results)
 
 
+def top_k_timing(results: dict) -> None:
+    """transformers' top-k warper (one radix top-k per row) against ``sampling.top_k_filter`` (top-k
+    per vocabulary slice, then of those), top_k=50: the bench model's draft and mixed steps, and a
+    Qwen3-8B-vocabulary verification step. Same output required."""
+    from transformers.generation import logits_process as lp
+
+    from hf_sparsespec.generation.sampling import top_k_filter
+
+    warper = lp.TopKLogitsWarper(top_k=50)
+    dummy = torch.zeros(1, 1, dtype=torch.long, device=DEVICE)
+    for rows, vocab in ((128, 8192), (256, 8192), (576, 151936)):
+        scores = torch.randn(rows, vocab, device=DEVICE) / 0.6
+        same = bool(torch.equal(top_k_filter(scores, 50, warper.filter_value), warper(dummy, scores.clone())))
+        entry = {"transformers_graph_ms": graph_ms(lambda: warper(dummy, scores)),
+                 "sliced_graph_ms": graph_ms(lambda: top_k_filter(scores, 50, warper.filter_value)), "equal": same}
+        results.setdefault("top_k", {})[f"{rows}x{vocab}"] = entry
+        print(f"[top-k] {rows} x {vocab}: transformers {entry['transformers_graph_ms'] * 1e3:.0f} us, sliced "
+              f"{entry['sliced_graph_ms'] * 1e3:.0f} us, {'equal' if same else 'DIFFERENT'}", flush=True)
+        save(results)
+
+
 def copy_bandwidth(results: dict) -> None:
     src = torch.empty(1 << 29, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
@@ -651,7 +685,7 @@ def main() -> None:
         sections = [correctness, verify_sweep]
         TIME_BUDGET_S = 200  # 8 checks, 22 variants
     elif args.only == "selection":
-        sections = [selection_timing]
+        sections = [selection_timing, top_k_timing]
     elif args.only == "bench-tiles":
         sections = [bench_tiles]
         TIME_BUDGET_S = 240  # 21 variants

@@ -434,7 +434,7 @@ def compile_sm90(kernel_name: str, constexprs: dict, warps: int, stages: int = 2
     if kernel_name in ("_attention_kernel", "_finish_kernel"):  # Qwen3-8B: 32 query heads over 8 KV heads of 128
         constexprs = dict(G=4, HKV=8, HQ=32, D=128, D_PAD=128, R_PAD=256, SPLIT_COST=16, **constexprs)
     ints = {"bt_ptr": "i64", "sel_ptr": "i32", "sel_count_ptr": "i32", "is_draft_ptr": "i1", "slot_ptr": "i64",
-            "old_len_ptr": "i64", "count_ptr": "i64", "out_ptr": "i32" if kernel_name == "_select_kernel" else "bf16"}
+            "old_len_ptr": "i64", "count_ptr": "i64", "keys_ptr": "i32", "out_ptr": "i32" if kernel_name == "_select_kernel" else "bf16"}
     metadata = ("q_start_ptr", "q_len_ptr", "kv_len_ptr", "tail_ptr", "sel_slot_ptr", "score_row_ptr")
     fp32 = ("lse_ptr", "part_o_ptr", "part_lse_ptr", "scores_ptr", "blse_ptr")
     signature, attrs = {}, {}
