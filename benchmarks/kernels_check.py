@@ -609,27 +609,6 @@ def selection_timing(results: dict) -> None:
             save(results)
 
 
-def top_k_timing(results: dict) -> None:
-    """transformers' top-k warper (one radix top-k per row) against ``sampling.top_k_filter`` (top-k
-    per vocabulary slice, then of those), top_k=50: the bench model's draft and mixed steps, and a
-    Qwen3-8B-vocabulary verification step. Same output required."""
-    from transformers.generation import logits_process as lp
-
-    from hf_sparsespec.generation.sampling import top_k_filter
-
-    warper = lp.TopKLogitsWarper(top_k=50)
-    dummy = torch.zeros(1, 1, dtype=torch.long, device=DEVICE)
-    for rows, vocab in ((128, 8192), (256, 8192), (576, 151936)):
-        scores = torch.randn(rows, vocab, device=DEVICE) / 0.6
-        same = bool(torch.equal(top_k_filter(scores, 50, warper.filter_value), warper(dummy, scores.clone())))
-        entry = {"transformers_graph_ms": graph_ms(lambda: warper(dummy, scores)),
-                 "sliced_graph_ms": graph_ms(lambda: top_k_filter(scores, 50, warper.filter_value)), "equal": same}
-        results.setdefault("top_k", {})[f"{rows}x{vocab}"] = entry
-        print(f"[top-k] {rows} x {vocab}: transformers {entry['transformers_graph_ms'] * 1e3:.0f} us, sliced "
-              f"{entry['sliced_graph_ms'] * 1e3:.0f} us, {'equal' if same else 'DIFFERENT'}", flush=True)
-        save(results)
-
-
 def copy_bandwidth(results: dict) -> None:
     src = torch.empty(1 << 29, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
@@ -685,7 +664,7 @@ def main() -> None:
         sections = [correctness, verify_sweep]
         TIME_BUDGET_S = 200  # 8 checks, 22 variants
     elif args.only == "selection":
-        sections = [selection_timing, top_k_timing]
+        sections = [selection_timing]
     elif args.only == "bench-tiles":
         sections = [bench_tiles]
         TIME_BUDGET_S = 240  # 21 variants

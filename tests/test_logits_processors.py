@@ -147,17 +147,3 @@ def test_user_processor_is_refused_by_name(llama, prompts):
             ids, attention_mask=mask, max_new_tokens=8, do_sample=False, logits_processor=LogitsProcessorList([BanToken()]), **SPEC
         )
 
-
-@pytest.mark.parametrize("vocab", [300, 2048, 5000])
-def test_top_k_filter_is_transformers_warper(vocab):
-    from transformers.generation import logits_process as lp
-
-    from hf_sparsespec.generation.sampling import top_k_filter
-
-    torch.manual_seed(0)
-    scores = torch.randn(6, vocab).round(decimals=1)  # rounding makes ties at the threshold
-    scores[1, : vocab // 2] = float("-inf")
-    for k in (1, 50, 700):
-        warper = lp.TopKLogitsWarper(top_k=k, filter_value=-1e9)
-        expected = warper(torch.zeros(6, 1, dtype=torch.long), scores.clone())
-        assert torch.equal(top_k_filter(scores, warper.top_k, warper.filter_value), expected), k
