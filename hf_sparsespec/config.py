@@ -41,8 +41,8 @@ class SparseSpecConfig:
             spread over. ``None`` uses all ``draft_len + 1``, the most even load per forward; fewer
             groups verify more requests per forward and so pay each verification step's fixed costs
             (sampling, selection) less often, which pays off where those costs rival the KV reads.
-        plain_tail: once no prompt waits and at most this fraction of the call's largest number of
-            live requests is left, their new rounds decode plainly (one verified token per forward).
+        plain_tail: once no prompt waits and at most this fraction of the most requests the call has
+            decoded at once is left, their new rounds decode plainly (one verified token per forward).
             Each draft is a forward of its own, so speculation never takes fewer forwards than plain
             decoding; it pays only where a forward's cost is mostly full-context KV reads, which a
             thinning batch no longer has, while its fixed per-forward cost stays. ``0`` speculates

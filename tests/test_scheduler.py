@@ -80,6 +80,8 @@ def test_adaptive_rounds_are_short_where_drafts_fail_and_long_where_they_hold(be
 
 
 def test_thin_tail_rule_counts_live_requests_against_the_peak():
+    from types import SimpleNamespace
+
     from hf_sparsespec.config import SparseSpecConfig
     from hf_sparsespec.generation.request import Request
     from hf_sparsespec.generation.scheduler import Scheduler
@@ -87,9 +89,13 @@ def test_thin_tail_rule_counts_live_requests_against_the_peak():
     def request(i):
         return Request(index=i, prompt=[1, 2], hf_prefix=torch.tensor([1, 2]), max_new_tokens=50, prefilled=2)
 
-    scheduler = Scheduler(SparseSpecConfig(plain_tail=0.5, unified_schedule=False), cache=None, num_slots=8)
-    scheduler.add([request(i) for i in range(4)])
-    scheduler.active, scheduler.queue = list(scheduler.queue), type(scheduler.queue)()
+    # A pool with room for everything: admission is bounded by the 4 slots alone.
+    roomy = SimpleNamespace(pages_for=lambda n: 1, allocator=SimpleNamespace(num_free=1 << 20))
+    scheduler = Scheduler(SparseSpecConfig(plain_tail=0.5, unified_schedule=False), cache=roomy, num_slots=4)
+    scheduler.add([request(i) for i in range(6)])
+    scheduler._admit()
+    assert len(scheduler.active) == 4 and len(scheduler.queue) == 2 and scheduler.peak_live == 4
+    scheduler.queue.clear()  # the last two prompts were admitted and finished: a full batch of 4 remains
     scheduler.start_round(scheduler.active[0], first=False)
     assert scheduler.active[0].round_len == 8 and not scheduler.active[0].plain
     del scheduler.active[2:]  # two of four finished: the tail starts
@@ -99,9 +105,9 @@ def test_thin_tail_rule_counts_live_requests_against_the_peak():
     scheduler.queue.append(late)  # a waiting prompt refills the batch: no tail yet for the others
     scheduler.start_round(scheduler.active[1], first=False)
     assert scheduler.active[1].round_len == 8 and not scheduler.active[1].plain
-    never = Scheduler(SparseSpecConfig(plain_tail=0.0), cache=None, num_slots=8)
+    never = Scheduler(SparseSpecConfig(plain_tail=0.0), cache=roomy, num_slots=8)
     never.add([request(0)])
-    never.active, never.queue = list(never.queue), type(never.queue)()
+    never._admit()
     never.start_round(never.active[0], first=False)
     assert never.active[0].round_len == 8
 

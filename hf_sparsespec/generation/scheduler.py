@@ -36,12 +36,11 @@ class Scheduler:
         self.active: list[Request] = []  # admission order
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.num_offloads = 0
-        self.peak_live = 0  # most requests live or queued at once in this call
+        self.peak_live = 0  # most requests decoding at once in this call
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def add(self, requests: list[Request]) -> None:
         self.queue.extend(requests)
-        self.peak_live = max(self.peak_live, len(self.queue) + len(self.active))
 
     @property
     def has_work(self) -> bool:
@@ -118,6 +117,7 @@ class Scheduler:
             self.queue.popleft()
             request.slot = self.free_slots.pop()
             self.active.append(request)
+            self.peak_live = max(self.peak_live, len(self.active))
 
     def _restore_offloaded(self) -> None:
         for request in self.active:
