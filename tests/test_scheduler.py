@@ -142,3 +142,21 @@ def test_thin_tail_decodes_plainly_and_identically(bench_model, bench_tokenizer,
     else:
         assert stats["num_plain_steps"] == 0 and not plain_rows
     assert stats["mean_accepted"] > 1  # over speculative rounds only
+
+
+def test_only_lockstep_verification_steps_are_marked_verification_only(monkeypatch):
+    marks = []
+    original = engine_module.build_step
+
+    def build_step(rows, *args, **kwargs):
+        step = original(rows, *args, **kwargs)
+        marks.append(({row.kind for row in rows}, {row.num_tokens for row in rows}, step.verification_only))
+        return step
+
+    monkeypatch.setattr(engine_module, "build_step", build_step)
+    ids = torch.randint(3, 256, (4, 20))
+    tiny_model("llama").generate(input_ids=ids, max_new_tokens=30, do_sample=False, custom_generate=hf_sparsespec.generate,
+                                 min_budget=4, draft_len=DRAFT_LEN, unified_schedule=False, plain_tail=0.0)
+    assert any(flag for *_, flag in marks)
+    for kinds, sizes, flag in marks:
+        assert flag == (kinds == {RowKind.VERIFY} and min(sizes) > 1), (kinds, sizes, flag)

@@ -52,6 +52,10 @@ CASES = {
     "page1_g3_d32_fp16_block_scores": (1, 2, 3, 32, "float16", dict(score_block=16)),
     # Any block size that divides the KV block, not only SCORE_BLOCK: 8 positions.
     "graph_like_page16_g3_d32_block_scores_of_8": (16, 2, 3, 32, "float32", dict(graph_like=True, score_block=8)),
+    # The tiles of a verification-only step at more than 64 dims: 64 rows (16 queries x 4 heads) over
+    # 64-position blocks, with and without block scores (the hint sizes tiles; results must not move).
+    "graph_like_page16_g4_d128_whole_row_tiles": (16, 1, 4, 128, "float32", dict(graph_like=True, verification_only=True)),
+    "page16_g4_d128_whole_row_tiles_block_scores": (16, 1, 4, 128, "float32", dict(verification_only=True, score_block=16)),
 }
 # bfloat16 attention is checked only on the GPU (benchmarks/kernels_check.py): Triton 3.9's interpreter
 # computes tl.dot on bfloat16 operands wrongly (a lone 16x16 product is off by orders of magnitude).
@@ -178,7 +182,8 @@ def _check_attention(case):
     dtype = getattr(torch, dtype_name)
     layer = 1
     query, k_pool, v_pool, ctx = build_batch(page_size, kv_heads, group, head_dim, dtype, layer=layer, graph_like=graph_like)
-    ctx = dataclasses.replace(ctx, score_block=overrides.pop("score_block", 1))
+    ctx = dataclasses.replace(ctx, score_block=overrides.pop("score_block", 1),
+                              verification_only=overrides.pop("verification_only", False))
     scale = head_dim**-0.5
     ref_ctx = dataclasses.replace(ctx, scores=ctx.scores.clone(), use_triton=False)
     # The reference on upcast inputs: the kernels accumulate in fp32 as well.
@@ -397,6 +402,9 @@ SM90_KERNELS = {
     # The register caps paged_attention puts on 16-row tiles: more resident programs, a few spills.
     "attention_decode_96_registers": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=128, WRITE_LSE=True,
                                                                 SCORE_BLOCK=0, SCORE_COLS=16, DOT_PRECISION="tf32"), 4, 2, 96),
+    # A verification-only step's whole-row tiles, capped as paged_attention caps them.
+    "attention_whole_row_block_scores": ("_attention_kernel", dict(BLOCK_M=64, QPT=16, PAGE=16, BLOCK_N=64, WRITE_LSE=True,
+                                                                   SCORE_BLOCK=16, SCORE_COLS=16, DOT_PRECISION="tf32"), 8, 2, 128),
     "attention_prefill": ("_attention_kernel", dict(BLOCK_M=128, QPT=32, PAGE=1, BLOCK_N=64, WRITE_LSE=False, SCORE_BLOCK=0,
                                                     SCORE_COLS=16, DOT_PRECISION="tf32"), 8),
     "finish": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=128, MERGE_GROUP=4, SCORE_M=64, SCORE_Q=16,
@@ -579,6 +587,18 @@ def test_decode_tiles_take_large_kv_blocks_only_with_hopper_shared_memory(head_d
     assert triton_kernels._tile_shape(**decode, big_blocks=False).block_n == 64
     prefill = dict(num_tokens=4096, num_rows=2, group=4, d_pad=head_dim)
     assert triton_kernels._tile_shape(**prefill, big_blocks=True).block_n == 64
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_verification_only_steps_take_whole_row_tiles_past_64_dims(head_dim):
+    triton_kernels = pytest.importorskip("hf_sparsespec.attention.triton_kernels")
+    step = dict(num_tokens=576, num_rows=576, group=4, d_pad=head_dim, big_blocks=True)  # graph-padded rows
+    plain, hinted = triton_kernels._tile_shape(**step), triton_kernels._tile_shape(**step, verification_only=True)
+    if head_dim == 64:  # the bench model's heads gained nothing from them (session 8)
+        assert hinted == plain
+    else:
+        assert (hinted.block_m, hinted.block_n, hinted.max_registers) == (64, 64, 128)
+        assert (plain.block_m, plain.max_registers) == (16, 0)  # decode tiles: capped in paged_attention
 
 
 if __name__ == "__main__":

@@ -52,6 +52,9 @@ class StepContext:
     # (first token, length) of each row, known on the host when every row is a prompt's first
     # chunk: such a step needs no cache reads, and plain causal attention over its own keys does.
     fresh_prefill_rows: list[tuple[int, int]] | None = None
+    # Every row is a verification of drafts (known on the host; part of a CUDA graph's key), so the
+    # kernels may size query tiles to hold a whole row instead of a decode step's one token.
+    verification_only: bool = False
     # check_finite: [L + 1] bool on the device; entry l is set when layer l's attention output of a
     # real token (one that writes KV) is not finite, the last entry by the runner for the logits.
     nonfinite: torch.Tensor | None = None

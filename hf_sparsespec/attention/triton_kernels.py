@@ -64,6 +64,8 @@ _DECODE_MAX_REGISTERS = 96
 # to be 16-18% slower than at 128 (Qwen3-8B heads, H200, session 7); 64-dim heads keep 96 (4%
 # faster there).
 _BLOCK_SCORE_MAX_REGISTERS = 128
+# Tiles holding a whole verification row (``_tile_shape``): the configuration measured in session 7.
+_WHOLE_ROW_MAX_REGISTERS = 128
 # The finish kernel's, with 16-row tiles: uncapped 255 (2 programs per SM), at 168 three fit for a
 # few spills, which made verification and unified steps 7-19% faster (64-position blocks; with the
 # 128-position ones its 84 KB of shared memory allow 2 per SM anyway).
@@ -493,9 +495,11 @@ class _Tiles:
     block_n: int  # KV positions per block
     score_m: int  # score-pass query-tile rows
     items_per_sm: int  # what the split sizing aims at
+    max_registers: int  # per thread of the attention kernel, on CUDA, if not decode tiles (0: uncapped)
 
 
-def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int, big_blocks: bool) -> _Tiles:
+def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int, big_blocks: bool,
+                verification_only: bool = False) -> _Tiles:
     """Tile shapes from shapes alone.
 
     Prefill-like steps (many tokens per row) take 128-row query tiles: tensor-core sized, and
@@ -510,9 +514,20 @@ def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int, big_bloc
     verification steps 14% and mixed steps 8% faster, decode and draft steps no slower; fewer
     splits there would slow plain decode by 9%. They take 72 KB of shared memory at 128 dims, so
     only GPUs with Hopper-sized shared memory get them (``big_blocks``).
+
+    A step of nothing but verifications (lockstep rounds, ``verification_only``) with heads of more
+    than 64 dims takes 64-row tiles over 64-position blocks, capped at 128 registers: a Qwen3-8B
+    verification row (9 queries x 4 heads) then reads its KV once, in one program, and a batch-32 x
+    8k verification took 569 us per layer with block scores against 739 for 16-row tiles (442 against
+    539 without scores; per-position scores 772 against 798). The bench model's 64-dim heads gained
+    nothing (session 8), and mixed steps keep 16-row tiles for their drafts (session 5).
     """
     block_n = 64 if d_pad <= 128 else 32
     items_per_sm = _ITEMS_PER_SM
+    small = _pow2(group, 16)
+    score_m = max(min(64, _pow2(group * 16)), small)
+    if verification_only and 64 < d_pad <= 128:
+        return _Tiles(max(64, small), 64, score_m, items_per_sm, _WHOLE_ROW_MAX_REGISTERS)
     if num_tokens > 2 * num_rows:
         block_m = 128 if d_pad <= 128 else 64
     else:
@@ -521,8 +536,7 @@ def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int, big_bloc
             block_n = 128
         if d_pad <= 64:
             items_per_sm = _ITEMS_PER_SM_SMALL_HEADS
-    small = _pow2(group, 16)
-    return _Tiles(max(block_m, small), block_n, max(min(64, _pow2(group * 16)), small), items_per_sm)
+    return _Tiles(max(block_m, small), block_n, score_m, items_per_sm, 0)
 
 
 def paged_attention(
@@ -573,7 +587,7 @@ def paged_attention(
         raise ValueError("paged_attention needs pools with a contiguous last dimension")
     q = _last_dim_contiguous(query[0])  # (Hq, T, D)
     d_pad = _pow2(head_dim, 16)
-    tiles = _tile_shape(num_tokens, num_rows, group, d_pad, _hopper_shared_memory(query.device))
+    tiles = _tile_shape(num_tokens, num_rows, group, d_pad, _hopper_shared_memory(query.device), ctx.verification_only)
     block_m = max(block_m or tiles.block_m, _pow2(group, 16))
     block_n = block_n or tiles.block_n
     qpt = block_m // group
@@ -626,9 +640,10 @@ def paged_attention(
 
     decode_tiles = block_m == 16  # the caps were measured on these; prefill tiles keep their registers
     if max_registers is None:
-        max_registers = 0
         if decode_tiles:
             max_registers = _BLOCK_SCORE_MAX_REGISTERS if score_block and d_pad > 64 else _DECODE_MAX_REGISTERS
+        else:
+            max_registers = tiles.max_registers if block_m == tiles.block_m else 0
     if finish_max_registers is None:
         finish_max_registers = _FINISH_MAX_REGISTERS if decode_tiles else 0
     on_gpu = query.device.type == "cuda"  # the interpreter takes no register cap

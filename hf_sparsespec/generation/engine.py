@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -233,7 +234,10 @@ class Engine:
             num_verify = len(step.post["v_slot"])
             verify = min(bucket(num_verify, at_least=1), self.num_slots) if num_verify else 0
             sizes = {name: verify if name.startswith("v_") else tokens for name in arrays}
-            results, scores, logits = self.graphs.run(arrays, sizes, self._device_step_captured)
+            results, scores, logits = self.graphs.run(
+                arrays, sizes, functools.partial(self._device_step_captured, verification_only=step.verification_only),
+                variant=step.verification_only,
+            )
             num_singles = tokens
         else:
             views = upload(arrays, self.cache.device)
@@ -242,7 +246,8 @@ class Engine:
             if num_verify:  # selection needs the buffer's shape even where no scores are written
                 shape = (num_verify, self.cache.num_layers, self.cache.num_kv_heads, step.max_kv_len)
                 attn_scores = torch.zeros(shape, dtype=torch.float32, device=self.cache.device)
-            results, scores, logits = self._device_step(views, attn_scores, step.max_kv_len, step.fresh_prefill_rows)
+            results, scores, logits = self._device_step(views, attn_scores, step.max_kv_len, step.fresh_prefill_rows,
+                                                        step.verification_only)
         self.stats.num_forward_passes += 1
         described = self._describe(rows, step, captured) if self.runner.nonfinite is not None else ""
 
@@ -280,8 +285,8 @@ class Engine:
         return (f"forward pass {self.stats.num_forward_passes} ({step.num_tokens} tokens, max kv {step.max_kv_len}, "
                 f"captured graph: {captured}). Rows: {listed}")
 
-    def _device_step_captured(self, views: dict[str, torch.Tensor]):
-        return self._device_step(views, self.graph_scores, self.max_kv)
+    def _device_step_captured(self, views: dict[str, torch.Tensor], verification_only: bool):
+        return self._device_step(views, self.graph_scores, self.max_kv, verification_only=verification_only)
 
     def _device_step(
         self,
@@ -289,13 +294,14 @@ class Engine:
         attn_scores: torch.Tensor | None,
         max_kv: int,
         fresh_prefill_rows: list[tuple[int, int]] | None = None,
+        verification_only: bool = False,
     ):
         """Everything an iteration does on the device; shapes come from the inputs alone, so this
         also runs under CUDA-graph capture. Returns ([n, k + 2] results, processed scores, logits)."""
         k = self.config.draft_len
         if self.runner.nonfinite is not None:
             self.runner.nonfinite.zero_()
-        logits = self.runner.forward(v, attn_scores, max_kv, fresh_prefill_rows)
+        logits = self.runner.forward(v, attn_scores, max_kv, fresh_prefill_rows, verification_only)
         scores = self.plan.apply(logits, self._position_state(v))
         parts = []
         if v["single_pos"].shape[0]:

@@ -8,7 +8,7 @@ metadata plus one replay.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Hashable
 
 import numpy as np
 import torch
@@ -27,9 +27,10 @@ class StepGraphs:
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple[torch.Tensor, ...]]] = {}
         self._pool = None
 
-    def run(self, arrays: dict[str, np.ndarray], sizes: dict[str, int], fn: StepFn) -> tuple[torch.Tensor, ...]:
-        """Outputs of ``fn`` on ``arrays`` padded to ``sizes`` (name -> padded length)."""
-        key = tuple(sizes[name] for name in arrays)
+    def run(self, arrays: dict[str, np.ndarray], sizes: dict[str, int], fn: StepFn, variant: Hashable = None) -> tuple[torch.Tensor, ...]:
+        """Outputs of ``fn`` on ``arrays`` padded to ``sizes`` (name -> padded length); ``variant``
+        tells apart steps of equal sizes that ``fn`` runs differently."""
+        key = (variant, *(sizes[name] for name in arrays))
         if key not in self._graphs:
             self._capture(key, list(arrays), sizes, fn)
         graph, meta, outputs = self._graphs[key]

@@ -90,6 +90,7 @@ class ModelRunner:
         scores: torch.Tensor | None,
         max_kv: int,
         fresh_prefill_rows: list[tuple[int, int]] | None = None,
+        verification_only: bool = False,
     ) -> torch.Tensor:
         """float32 logits [len(logits_index), vocab]; verification rows write PillarAttn ``scores``."""
         gather = views["gather"]
@@ -118,6 +119,7 @@ class ModelRunner:
             score_block=self.score_block,
             selection_mass=self.selection_mass,
             fresh_prefill_rows=fresh_prefill_rows,
+            verification_only=verification_only,
             nonfinite=self.nonfinite,
         )
         kwargs = {self.cache_kwarg: self.cache, "use_cache": True}

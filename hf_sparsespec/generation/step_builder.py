@@ -46,6 +46,7 @@ class HostStep:
     commit_singles: list[int]  # for each committing end of prefill, its index among the sampled singles
     commit_positions: list[np.ndarray]  # logits rows of each committed row's tokens, in that order
     fresh_prefill_rows: list[tuple[int, int]] | None  # (first token, length) when every row starts a prompt
+    verification_only: bool  # every row verifies drafts (a lockstep round): query tiles may hold whole rows
 
 
 def build_step(
@@ -159,4 +160,5 @@ def build_step(
             list(zip(q_start.tolist(), n.tolist())) if bool(((kind == PREFILL) & (start == 0)).all()) else None
         ),
         commit_positions=commit_positions,
+        verification_only=bool(is_verify.all() and (round_len > 0).all()),
     )
