@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python3 benchmarks/gpu_check.py --out $OUT
 
-1. Greedy float32 on CUDA: token-identical to transformers' greedy ``generate``.
+1. Greedy float32 on CUDA: token-identical to transformers' greedy ``generate``; also for a random
+   model with 128-dim heads in lockstep rounds, whose verification-only steps take whole-row tiles.
 2. bf16 sampling runs end to end; greedy bf16 output is compared for its common prefix (bf16
    kernels with another summation order may flip near-ties, so a difference is reported, not failed).
 3. Host synchronisations inside the steady state, counted with ``torch.cuda.set_sync_debug_mode``.
@@ -33,6 +34,38 @@ def prompts(tok, count: int, length: int) -> dict:
     return tok.pad({"input_ids": rows}, return_tensors="pt")
 
 
+def wide_heads_check(report: dict, enc: dict, vocab: int) -> None:
+    """fp32 greedy identity of a random Qwen3 with 128-dim heads (group 4) in lockstep rounds, and
+    how many of its steps were verification-only (whole-row query tiles, ``_tile_shape``)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from hf_sparsespec.generation import engine as engine_module
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=vocab, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=128, max_position_embeddings=4096)
+    model = Qwen3ForCausalLM(config).cuda().eval()
+    flags = []
+    original = engine_module.build_step
+
+    def build_step(*args, **kwargs):
+        step = original(*args, **kwargs)
+        flags.append(step.verification_only)
+        return step
+
+    engine_module.build_step = build_step
+    try:
+        ref = model.generate(**enc, max_new_tokens=100, do_sample=False)
+        out = model.generate(**enc, max_new_tokens=100, do_sample=False, custom_generate=hf_sparsespec.generate,
+                             return_dict_in_generate=True, unified_schedule=False, plain_tail=0.0, min_budget=16)
+    finally:
+        engine_module.build_step = original
+    report["wide_heads_lockstep_fp32_identical"] = bool(torch.equal(ref, out.sequences))
+    report["wide_heads_verification_only_steps"] = sum(flags)
+    print("128-dim heads, lockstep, fp32 greedy identical:", report["wide_heads_lockstep_fp32_identical"],
+          f"({sum(flags)} of {len(flags)} steps verification-only)", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, default=Path("gpu_check_out"))
@@ -53,6 +86,7 @@ def main() -> None:
     report["fp32_rows_identical"] = [bool(torch.equal(a, b)) for a, b in zip(ref, out.sequences)]
     report["fp32_stats"] = out.spec_stats
     print("fp32 greedy identical:", report["fp32_greedy_identical"], out.spec_stats, flush=True)
+    wide_heads_check(report, enc, len(tok))
     if args.fp32_only:
         (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
         return
