@@ -7,7 +7,8 @@ head) row computes each candidate's priority on the fly (pooled score, forced po
 the ``count``-th largest by a radix select over order-preserving integer keys (stored on the first
 of five passes), and writes the chosen positions in ascending order, which is the order a scan
 meets them in, so nothing is sorted. Ties at the threshold go to lower positions, as in the
-reference's stable sort.
+reference's stable sort. That step's selection now takes 154 us against the rule's 478-494
+(session 8); what bounds it is a row's ~60 dependent chunk iterations on one program.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import triton.language as tl
 
 __all__ = ["select_tokens_triton"]
 
-_CHUNK, _NUM_WARPS = 1024, 4  # positions per loop iteration, warps per program
+# Positions per loop iteration and warps per program: 1,024-8,192 and 4-16 timed alike (session 8).
+_CHUNK, _NUM_WARPS = 1024, 4
 
 
 @triton.jit
