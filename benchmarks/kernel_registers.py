@@ -55,6 +55,8 @@ CONFIGS = {
         "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=16, **DECODE), 4, 168),
     "attention 16-row tile, block scores, capped at 128": (
         "_attention_kernel", dict(BLOCK_M=16, QPT=4, BLOCK_N=64, SCORE_BLOCK=16, **DECODE), 4, 128),
+    "attention 64-row tile, block scores, 64-position blocks, capped at 128, 8 warps (verification-only default)": (
+        "_attention_kernel", dict(BLOCK_M=64, QPT=16, BLOCK_N=64, SCORE_BLOCK=16, **DECODE), 8, 128),
     "attention 64-row tile, 8 warps": ("_attention_kernel", dict(BLOCK_M=64, QPT=16, BLOCK_N=64, SCORE_BLOCK=0, **DECODE), 8),
     "attention 64-row tile, 4 warps": ("_attention_kernel", dict(BLOCK_M=64, QPT=16, BLOCK_N=64, SCORE_BLOCK=0, **DECODE), 4),
     "attention 64-row tile, 32-position blocks, 8 warps": (
