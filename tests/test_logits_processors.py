@@ -146,4 +146,3 @@ def test_user_processor_is_refused_by_name(llama, prompts):
         llama.generate(
             ids, attention_mask=mask, max_new_tokens=8, do_sample=False, logits_processor=LogitsProcessorList([BanToken()]), **SPEC
         )
-
