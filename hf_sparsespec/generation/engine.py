@@ -417,8 +417,9 @@ class Engine:
                 continue
             m, tokens = host[results.result_rows[j]][0], host[results.result_rows[j]][1:]
             committed = self._commit(req, tokens[: m + 1], results, j)
-            # A row of plain decoding in speculative mode: the request turned plain before it ran.
-            plain_row = row.kind is RowKind.VERIFY and (not self.config.speculate or (req.plain and req.round_len == 0))
+            # A request turns plain while its last speculative row is processed (start_round below),
+            # with nothing else of it in flight, so every row seen while it is plain ran plainly.
+            plain_row = row.kind is RowKind.VERIFY and (not self.config.speculate or req.plain)
             if row.kind is RowKind.VERIFY and not plain_row:
                 self.stats.num_drafts_verified += req.round_len
                 self.stats.num_drafts_accepted += m
