@@ -45,6 +45,7 @@ ENGINE_METHODS = {
     # Selection over 16-token block masses that the attention kernel sums (no second read of K).
     "sparsespec_block": dict(selection="pillar_block"),
     "sparsespec_block_lockstep": dict(selection="pillar_block", unified_schedule=False),
+    "sparsespec_block_lockstep_no_bursts": dict(selection="pillar_block", unified_schedule=False, draft_bursts=False),
     # Speculation to the end of the batch (the default decodes its thin tail plainly).
     "sparsespec_block_no_tail": dict(selection="pillar_block", plain_tail=0.0),
     "sparsespec_no_tail": dict(plain_tail=0.0),
@@ -52,51 +53,69 @@ ENGINE_METHODS = {
 
 
 class StepTimer:
-    """Times every engine iteration with CUDA events, keyed by what its rows were."""
+    """Times every engine iteration with CUDA events, keyed by what its rows were, and the host's own
+    work per iteration (planning, building and launching a step, reading results back; not the
+    time it waits for the device), so a run shows whether the host or the device sets the pace."""
 
     def __init__(self) -> None:
-        self.records: list[tuple[str, torch.cuda.Event, torch.cuda.Event, int, bool, int]] = []
-        self._original = engine_module.Engine._launch
+        # (kind, start, end, kv positions read per step, has prompt rows, rows, steps in the iteration)
+        self.records: list[tuple[str, torch.cuda.Event, torch.cuda.Event, int, bool, int, int]] = []
+        self.host_s = 0.0
+        self._originals = (engine_module.Engine._launch, engine_module.Engine._absorb)
 
     def __enter__(self) -> "StepTimer":
         timer = self
+        original_launch, original_absorb = self._originals
 
         def timed_launch(engine, rows):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            began = time.perf_counter()
             start.record()
-            out = timer._original(engine, rows)
+            out = original_launch(engine, rows)
             end.record()
+            timer.host_s += time.perf_counter() - began
             kinds = {row.kind.value for row in rows}
             prompt = "prefill" in kinds
             kind = kinds.pop() if len(kinds) == 1 else "mixed"
             kv_read = sum(_kv_read(engine, row) for row in rows)
-            timer.records.append((kind, start, end, kv_read, prompt, len(rows)))
+            timer.records.append((kind, start, end, kv_read, prompt, len(rows), rows[0].steps))
             return out
 
+        def timed_absorb(engine, results):
+            if results.event is not None:
+                results.event.synchronize()  # waiting for the device is not host work
+            began = time.perf_counter()
+            original_absorb(engine, results)
+            timer.host_s += time.perf_counter() - began
+
         engine_module.Engine._launch = timed_launch
+        engine_module.Engine._absorb = timed_absorb
         return self
 
     def __exit__(self, *exc) -> None:
-        engine_module.Engine._launch = self._original
+        engine_module.Engine._launch, engine_module.Engine._absorb = self._originals
 
     def summary(self, bytes_per_token: int, weight_bytes: int) -> dict:
         torch.cuda.synchronize()
-        out = {}
+        out = {"iterations": len(self.records), "host_ms_per_iteration": 1e3 * self.host_s / max(len(self.records), 1)}
         last_prompt = max((i for i, record in enumerate(self.records) if record[4]), default=None)
         if last_prompt is not None and last_prompt + 1 < len(self.records):
             out["decode_s"] = self.records[last_prompt][2].elapsed_time(self.records[-1][2]) / 1e3
+            out["decode_iterations"] = len(self.records) - last_prompt - 1
         for kind in ("draft", "verify", "mixed"):
-            times = [(s.elapsed_time(e), kv, n) for k, s, e, kv, _, n in self.records if k == kind]
+            # A burst of drafts is one iteration of several steps: each step gets its share.
+            times = [(s.elapsed_time(e) / steps, kv, n, steps) for k, s, e, kv, _, n, steps in self.records if k == kind]
             if not times:
                 continue
-            ms = sorted(t for t, _, _ in times)[len(times) // 2]
-            floors = [(weight_bytes + kv * bytes_per_token) / HBM_BYTES_PER_S * 1e3 for _, kv, _ in times]
+            ms = sorted(t for t, *_ in times)[len(times) // 2]
+            floors = [(weight_bytes + kv * bytes_per_token) / HBM_BYTES_PER_S * 1e3 for _, kv, _, _ in times]
             # Steps differ in rows (requests drift apart and finish), so each is set against its own floor.
-            ratios = sorted(t / f for (t, _, _), f in zip(times, floors))
-            widest = max(n for _, _, n in times)
-            full = sorted((t, f) for (t, _, n), f in zip(times, floors) if n == widest)
-            out[kind] = {"median_ms": ms, "floor_ms": sorted(floors)[len(floors) // 2], "steps": len(times),
-                         "total_ms": sum(t for t, _, _ in times), "median_floor_ratio": ratios[len(ratios) // 2],
+            ratios = sorted(t / f for (t, *_), f in zip(times, floors))
+            widest = max(n for _, _, n, _ in times)
+            full = sorted((t, f) for (t, _, n, _), f in zip(times, floors) if n == widest)
+            out[kind] = {"median_ms": ms, "floor_ms": sorted(floors)[len(floors) // 2], "steps": sum(st for *_, st in times),
+                         "iterations": len(times), "total_ms": sum(t * st for t, _, _, st in times),
+                         "median_floor_ratio": ratios[len(ratios) // 2],
                          "widest_rows": widest, "widest_steps": len(full), "widest_median_ms": full[len(full) // 2][0],
                          "widest_floor_ms": full[len(full) // 2][1]}
         return out
@@ -180,6 +199,8 @@ def measure(model, tag: str, ids: torch.Tensor, method: str, new_tokens: int, sa
         # >1 means faster than plain decoding could ever be at this memory bandwidth.
         "floor_ratio": floor_s / decode_s,
         "steps": {kind: steps[kind] for kind in ("draft", "verify", "mixed") if kind in steps},
+        "host_ms_per_iteration": steps.get("host_ms_per_iteration"),
+        "decode_iterations": steps.get("decode_iterations"),
         # The batch ends with its slowest request: the spread of per-request acceptance explains tails.
         "accepted_per_request": _spread(stats["mean_accepted_per_sequence"]) if stats and method != "nospec" else None,
         "note": note,
@@ -359,7 +380,8 @@ def main() -> None:
     for r in rows:
         steps = {kind: (v["steps"], round(v["total_ms"])) for kind, v in r.get("steps", {}).items()}
         print(f"{r['model']} {r['batch']}x{r['prompt_len']} {r['method']}: accepted per request "
-              f"{r.get('accepted_per_request')}, steps and ms {steps}")
+              f"{r.get('accepted_per_request')}, steps and ms {steps}, host {r.get('host_ms_per_iteration')} ms per "
+              f"iteration, {r.get('decode_iterations')} decode iterations")
 
 
 if __name__ == "__main__":
