@@ -198,9 +198,10 @@ def test_draft_bursts_run_the_same_drafts_in_fewer_iterations(bench_model, bench
         )
         counts[bursts] = seen
         monkeypatch.undo()
-    # With bursts, an iteration of drafts runs all its rounds' drafts; without, one each. Sampling
-    # draws the same random numbers in the same order either way, so even sampled output agrees.
-    assert set(counts[False]) == {1} and max(counts[True]) == 6
+    # With bursts, an iteration of drafts that all start full rounds runs those rounds; without, one
+    # draft each. Sampling draws the same random numbers in the same order either way, so even
+    # sampled output agrees.
+    assert set(counts[False]) == {1} and 6 in counts[True] and set(counts[True]) <= {1, 6}
     assert sum(counts[True]) == sum(counts[False]) and len(counts[True]) < len(counts[False])
     torch.testing.assert_close(outputs[True].sequences, outputs[False].sequences, rtol=0, atol=0)
     stats_on, stats_off = outputs[True].spec_stats, outputs[False].spec_stats

@@ -108,13 +108,15 @@ class Scheduler:
         return rows
 
     def _make_burst(self, rows: list[Row]) -> None:
-        """Let an iteration of nothing but drafts run every draft its rows' rounds have in common
-        (``draft_bursts``): none of them can verify before those are done, so nothing waits for the
-        host in between, and the draft after each one reads its input token on the device."""
+        """Let an iteration of nothing but drafts that all start full rounds run those rounds' drafts
+        at once (``draft_bursts``): none of them can verify before they are done, so nothing waits
+        for the host in between, and each draft reads its input token on the device. Only whole
+        rounds burst: each burst length is another CUDA graph per size bucket, captured on first use
+        (seen on the H200: bursts of every length met in a run cost more in captures than they saved)."""
         if not self.config.draft_bursts or not rows or any(row.kind is not RowKind.DRAFT for row in rows):
             return
         steps = min(row.request.round_len - row.request.drafted for row in rows)
-        if steps < 2:
+        if steps < 2 or steps != self.config.draft_len:
             return
         for row in rows:
             try:
