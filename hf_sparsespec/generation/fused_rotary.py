@@ -24,44 +24,53 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotary_kernel(
-    x_ptr, cos_ptr, sin_ptr, out_ptr, num_heads, num_tokens,
-    stride_xh, stride_xt, stride_ct, stride_oh, stride_ot,
-    HALF: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """One program per (head, token) row: out = x * cos + rotate_half(x) * sin."""
-    pid = tl.program_id(0)
-    h, t = pid // num_tokens, pid % num_tokens
+def _rotate_row(x_row, c_row, s_row, o_row, HALF: tl.constexpr, BLOCK: tl.constexpr):
     cols = tl.arange(0, BLOCK)
     ok = cols < HALF
-    x_row = x_ptr + h.to(tl.int64) * stride_xh + t.to(tl.int64) * stride_xt
-    c_row = cos_ptr + t.to(tl.int64) * stride_ct
-    s_row = sin_ptr + t.to(tl.int64) * stride_ct
     x1 = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + HALF + cols, mask=ok, other=0.0).to(tl.float32)
     c1 = tl.load(c_row + cols, mask=ok, other=0.0).to(tl.float32)
     c2 = tl.load(c_row + HALF + cols, mask=ok, other=0.0).to(tl.float32)
     s1 = tl.load(s_row + cols, mask=ok, other=0.0).to(tl.float32)
     s2 = tl.load(s_row + HALF + cols, mask=ok, other=0.0).to(tl.float32)
-    o_row = out_ptr + h.to(tl.int64) * stride_oh + t.to(tl.int64) * stride_ot
-    tl.store(o_row + cols, (x1 * c1 - x2 * s1).to(out_ptr.dtype.element_ty), mask=ok)
-    tl.store(o_row + HALF + cols, (x2 * c2 + x1 * s2).to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(o_row + cols, (x1 * c1 - x2 * s1).to(o_row.dtype.element_ty), mask=ok)
+    tl.store(o_row + HALF + cols, (x2 * c2 + x1 * s2).to(o_row.dtype.element_ty), mask=ok)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x * cos + rotate_half(x) * sin`` for x (1, H, T, D) and cos/sin (1, T, D), computed in float32.
+@triton.jit
+def _rotary_kernel(
+    q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, q_heads, num_tokens,
+    stride_qh, stride_qt, stride_kh, stride_kt, stride_ct, stride_qoh, stride_qot, stride_koh, stride_kot,
+    HALF: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per (head, token) row of the queries, then of the keys: out = x * cos + rotate_half(x) * sin."""
+    pid = tl.program_id(0).to(tl.int64)
+    h, t = pid // num_tokens, pid % num_tokens
+    c_row = cos_ptr + t * stride_ct
+    s_row = sin_ptr + t * stride_ct
+    if h < q_heads:
+        _rotate_row(q_ptr + h * stride_qh + t * stride_qt, c_row, s_row, q_out_ptr + h * stride_qoh + t * stride_qot, HALF, BLOCK)
+    else:
+        kh = h - q_heads
+        _rotate_row(k_ptr + kh * stride_kh + t * stride_kt, c_row, s_row, k_out_ptr + kh * stride_koh + t * stride_kot, HALF, BLOCK)
 
-    The output has x's layout (queries and keys reach it as transposes of (1, T, H, D)).
+
+def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x * cos + rotate_half(x) * sin`` for queries and keys x (1, H, T, D) (head counts may differ)
+    and cos/sin (1, T, D), computed in float32, in one launch (one per layer instead of two).
+
+    Each output has its input's layout (queries and keys reach it as transposes of (1, T, H, D)).
     """
-    _, heads, tokens, dim = x.shape
-    out = torch.empty_like(x)
-    if x.numel():
+    _, q_heads, tokens, dim = q.shape
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    if q.numel() + k.numel():
         half = dim // 2
-        _rotary_kernel[(heads * tokens,)](
-            x, cos, sin, out, heads, tokens, x.stride(1), x.stride(2), cos.stride(1), out.stride(1), out.stride(2),
+        _rotary_kernel[((q_heads + k.shape[1]) * tokens,)](
+            q, k, cos, sin, q_out, k_out, q_heads, tokens, q.stride(1), q.stride(2), k.stride(1), k.stride(2),
+            cos.stride(1), q_out.stride(1), q_out.stride(2), k_out.stride(1), k_out.stride(2),
             HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1,
         )
-    return out
+    return q_out, k_out
 
 
 def _covered(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int,
@@ -80,7 +89,7 @@ def _fused(original: Callable, device: torch.device) -> Callable:
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
         if not _covered(q, k, cos, sin, unsqueeze_dim, device):
             return original(q, k, cos, sin, unsqueeze_dim)
-        return rotate(q, cos, sin), rotate(k, cos, sin)
+        return rotate(q, k, cos, sin)
 
     return apply_rotary_pos_emb
 
@@ -130,4 +139,4 @@ def _reproduces(function: Callable, dtype: torch.dtype, device: torch.device) ->
     if not (isinstance(expected, tuple) and len(expected) == 2 and expected[0].shape == q.shape):
         return False
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    return all(torch.allclose(rotate(x, cos, sin), e, rtol=tolerance, atol=tolerance) for x, e in zip((q, k), expected))
+    return all(torch.allclose(x, e, rtol=tolerance, atol=tolerance) for x, e in zip(rotate(q, k, cos, sin), expected))
