@@ -550,6 +550,44 @@ def bench_tiles(results: dict) -> None:
         batch = want = want_scores = None
 
 
+def lockstep_tiles(results: dict) -> None:
+    """Query tiles for a lockstep verification of bench-code-lm heads (6/2/64) at the headline's
+    shape, all 128 rows verifying 9 tokens at 16k with block scores (``--only lockstep-tiles``): in
+    the throughput run such a step costs ~2.2x a plain decode step, whose KV read it shares. A
+    16-row tile holds 5 of a row's 9 queries, so each row takes two tiles and two passes over its KV;
+    32 or 64 rows hold all 9. (Session 8 measured these tiles only on a unified step's 14
+    verifications, where the GPU is mostly idle.) Outputs are checked against the default's."""
+    bf = torch.bfloat16
+    verify = build("bench", bf, 16, decode_rows(["verify"] * 128, [16384] * 128), graph_like=True, tokens=1152)
+    cases = [
+        ("lockstep verify b128 16k bench-shape block scores",
+         replace(verify, ctx=replace(verify.ctx, score_block=selection.SCORE_BLOCK, verification_only=True))),
+        ("lockstep verify b128 16k bench-shape no scores", replace(verify, ctx=replace(verify.ctx, scores=None, verification_only=True))),
+        ("full decode b128 16k bench-shape", build("bench", bf, 16, decode_rows(["full"] * 128, [16384] * 128), graph_like=True, tokens=128)),
+    ]
+    variants = [
+        ("default", {}),
+        ("block_m=32", dict(block_m=32)),
+        ("block_m=32, registers<=128/168", dict(block_m=32, max_registers=128, finish_max_registers=168)),
+        ("block_m=32, block_n=64", dict(block_m=32, block_n=64)),
+        ("block_m=64, block_n=64, registers<=128", dict(block_m=64, block_n=64, max_registers=128)),
+        ("block_m=64, registers<=128/168", dict(block_m=64, max_registers=128, finish_max_registers=168)),
+    ]
+    for label, batch in cases:
+        want, want_scores = (t.clone() if t is not None else None for t in run_attention(batch))
+        for variant, overrides in (variants if "verify" in label else variants[:1]):
+
+            def check(got, got_scores, want=want, want_scores=want_scores, batch=batch):
+                same = bool(torch.allclose(got[0, batch.real].float(), want[0, batch.real].float(), atol=2e-2, rtol=0))
+                if want_scores is not None:
+                    same = same and bool(torch.allclose(got_scores, want_scores, atol=1e-6, rtol=1e-3, equal_nan=True))
+                return same
+
+            timed_variant(results, f"{label} {variant}", batch, check, **overrides)
+        want = want_scores = None
+    verify = cases = None
+
+
 def write_kv_timing(results: dict) -> None:
     hkv, d = SHAPES["qwen3-8b"][1:]
     for tokens in (256, 4096):
@@ -653,7 +691,8 @@ def main() -> None:
     global OUT_FILE, TIME_BUDGET_S
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--only", choices=["verify-sweep", "tuning", "bench-tiles", "selection"], help="run one section instead of the whole check")
+    parser.add_argument("--only", choices=["verify-sweep", "tuning", "bench-tiles", "lockstep-tiles", "selection"],
+                        help="run one section instead of the whole check")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     OUT_FILE = args.out / "kernels_check.json"
@@ -668,6 +707,9 @@ def main() -> None:
     elif args.only == "bench-tiles":
         sections = [bench_tiles]
         TIME_BUDGET_S = 240  # 21 variants
+    elif args.only == "lockstep-tiles":
+        sections = [lockstep_tiles]
+        TIME_BUDGET_S = 150  # 13 variants
     elif args.only == "tuning":
         sections = [tuning_sweep]
         TIME_BUDGET_S = 150  # 18 variants
