@@ -9,6 +9,7 @@ import torch
 
 from ..attention.context import StepContext, step_context
 from ..cache.paged_cache import PagedKVCache
+from .fused_linear import FusedLinears
 from .fused_norm import FusedNorms
 from .fused_rotary import FusedRotary
 from .scheduler import Row
@@ -51,8 +52,8 @@ class SlotPageTable:
 
 class ModelRunner:
     """Runs the HF model on a packed step with the paged cache (with the Triton kernels, its
-    RMSNorms and rotary embeddings run fused for the duration of the call; see ``fused_norm`` and
-    ``fused_rotary``).
+    RMSNorms, rotary embeddings, sibling projections and gated MLPs run fused for the duration of
+    the call; see ``fused_norm``, ``fused_rotary`` and ``fused_linear``).
 
     Inputs are device views of the step's metadata (see ``step_builder``); the same code runs
     eagerly and under CUDA-graph capture, so it reads no tensor value on the host.
@@ -74,9 +75,9 @@ class ModelRunner:
         self.page_table = page_table
         self.use_triton = use_triton
         self.score_block = score_block  # granularity of verification scores, see StepContext
-        # With the Triton kernels, the model's RMSNorms and rotary embeddings run fused too
-        # (each verified against the model's own code first).
-        self.fused = [FusedNorms(model), FusedRotary(model)] if use_triton else []
+        # With the Triton kernels, the model's RMSNorms, rotary embeddings, projections and gated
+        # MLPs run fused too (each verified against the model's own code first).
+        self.fused = [FusedNorms(model), FusedRotary(model), FusedLinears(model)] if use_triton else []
         self.selection_mass = None  # a SelectionMass while a diagnostics run decodes
         self.nonfinite: torch.Tensor | None = None  # check_finite flags, see StepContext
         params = inspect.signature(model.forward).parameters
