@@ -236,6 +236,8 @@ NORM_CASES = {
     "rms_norm fp32 384": ((5, 384), "float32"),
     "rms_norm bf16 3d head_dim 64": ((7, 3, 64), "bfloat16"),
     "rms_norm fp16 96 wide": ((33, 96), "float16"),
+    # Per-head norms of a fused projection's query columns: tokens and heads do not merge into rows.
+    "rms_norm bf16 strided heads": ((7, 3, 64), "bfloat16"),
 }
 
 
@@ -248,6 +250,11 @@ def _check_rms_norm(case):
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(2)
     x = (torch.randn(shape) * 4).to(dtype)
+    if "strided" in case:
+        tokens, heads, dim = shape
+        x = torch.cat([x.view(tokens, heads * dim), torch.randn(tokens, 2 * dim).to(dtype)], dim=1)[:, : heads * dim]
+        x = x.view(tokens, heads, dim)
+        assert not x.is_contiguous()
     weight = (torch.rand(shape[-1]) + 0.5).to(dtype)
     got, expected = rms_norm(x, weight, 1e-6), rms_norm_reference(x, weight, 1e-6)
     # Two roundings of the input dtype (normalised row, then weight product) may each flip by one

@@ -25,13 +25,16 @@ import triton.language as tl
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, w_ptr, out_ptr, num_rows, N, stride_x, stride_o, eps,
+    x_ptr, w_ptr, out_ptr, num_rows, N, inner, stride_xo, stride_xi, stride_o, eps,
     BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
 ):
+    """Row r of the input is (r // inner, r % inner) of an (outer, inner, N) view: per-head norms
+    read the heads of a strided slice (a fused projection's q or k columns) in place."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows < num_rows)[:, None] & (cols < N)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x_rows = (rows // inner) * stride_xo + (rows % inner) * stride_xi
+    x = tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     variance = tl.sum(x * x, axis=1) / N
     inv = 1.0 / tl.sqrt_rn(variance + eps)
     # transformers rounds the normalised row to the input dtype before scaling by the weight.
@@ -43,15 +46,19 @@ def _rms_norm_kernel(
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` over the last dimension, in float32."""
     n = x.shape[-1]
-    rows = x.reshape(-1, n)
+    # Leading dimensions as (outer, inner) rows: a view, not a copy, for per-head norms over a
+    # strided slice, whose token and head dimensions do not merge into one.
+    inner = x.shape[-2] if x.dim() > 1 else 1
+    rows = x.reshape(-1, inner, n)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    out = torch.empty(rows.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    num_rows = rows.shape[0] * inner
+    out = torch.empty(num_rows, n, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     block_n = triton.next_power_of_2(n)
     per_program = max(1, min(16, 4096 // block_n))
-    grid = (triton.cdiv(rows.shape[0], per_program),)
-    if rows.shape[0]:
-        _rms_norm_kernel[grid](rows, weight, out, rows.shape[0], n, rows.stride(0), out.stride(0), eps,
+    grid = (triton.cdiv(num_rows, per_program),)
+    if num_rows:
+        _rms_norm_kernel[grid](rows, weight, out, num_rows, n, inner, rows.stride(0), rows.stride(1), out.stride(0), eps,
                                BLOCK_N=block_n, ROWS=per_program, num_warps=4 if block_n >= 1024 else 1)
     return out.view(*x.shape[:-1], n)
 
