@@ -16,6 +16,7 @@ measured that way too). End-of-sequence is disabled so every row generates exact
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import hf_sparsespec
 from hf_sparsespec.generation import engine as engine_module
+from hf_sparsespec.generation import runner as runner_module
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_MODEL = ROOT / "hf_sparsespec" / "models" / "bench-code-lm"
@@ -45,22 +47,25 @@ ENGINE_METHODS = {
     # Selection over 16-token block masses that the attention kernel sums (no second read of K).
     "sparsespec_block": dict(selection="pillar_block"),
     "sparsespec_block_lockstep": dict(selection="pillar_block", unified_schedule=False),
-    "sparsespec_block_lockstep_no_bursts": dict(selection="pillar_block", unified_schedule=False, draft_bursts=False),
     # Speculation to the end of the batch (the default decodes its thin tail plainly).
     "sparsespec_block_no_tail": dict(selection="pillar_block", plain_tail=0.0),
     "sparsespec_no_tail": dict(plain_tail=0.0),
+    # The same without the fused projections and gated-MLP kernel (fused_linear), for an A/B in one call.
+    "sparsespec_unfused_linear": dict(),
+    "nospec_unfused_linear": dict(speculate=False),
 }
 
 
 class StepTimer:
     """Times every engine iteration with CUDA events, keyed by what its rows were, and the host's own
-    work per iteration (planning, building and launching a step, reading results back; not the
-    time it waits for the device), so a run shows whether the host or the device sets the pace."""
+    work per decode iteration (planning, building and launching a step, reading results back; not
+    the time it waits for the device, nor prompt iterations, whose eager forwards are host work of
+    another kind), so a run shows whether the host or the device sets the pace."""
 
     def __init__(self) -> None:
-        # (kind, start, end, kv positions read per step, has prompt rows, rows, steps in the iteration)
-        self.records: list[tuple[str, torch.cuda.Event, torch.cuda.Event, int, bool, int, int]] = []
-        self.host_s = 0.0
+        # (kind, start, end, kv positions read, has prompt rows, rows, host seconds of its launch)
+        self.records: list[tuple[str, torch.cuda.Event, torch.cuda.Event, int, bool, int, float]] = []
+        self.absorb_s: list[tuple[bool, float]] = []  # (the iteration read had prompt rows, host seconds)
         self._originals = (engine_module.Engine._launch, engine_module.Engine._absorb)
 
     def __enter__(self) -> "StepTimer":
@@ -73,12 +78,13 @@ class StepTimer:
             start.record()
             out = original_launch(engine, rows)
             end.record()
-            timer.host_s += time.perf_counter() - began
+            host = time.perf_counter() - began
             kinds = {row.kind.value for row in rows}
             prompt = "prefill" in kinds
+            out.has_prompt = prompt
             kind = kinds.pop() if len(kinds) == 1 else "mixed"
             kv_read = sum(_kv_read(engine, row) for row in rows)
-            timer.records.append((kind, start, end, kv_read, prompt, len(rows), rows[0].steps))
+            timer.records.append((kind, start, end, kv_read, prompt, len(rows), host))
             return out
 
         def timed_absorb(engine, results):
@@ -86,7 +92,7 @@ class StepTimer:
                 results.event.synchronize()  # waiting for the device is not host work
             began = time.perf_counter()
             original_absorb(engine, results)
-            timer.host_s += time.perf_counter() - began
+            timer.absorb_s.append((results.has_prompt, time.perf_counter() - began))
 
         engine_module.Engine._launch = timed_launch
         engine_module.Engine._absorb = timed_absorb
@@ -97,25 +103,24 @@ class StepTimer:
 
     def summary(self, bytes_per_token: int, weight_bytes: int) -> dict:
         torch.cuda.synchronize()
-        out = {"iterations": len(self.records), "host_ms_per_iteration": 1e3 * self.host_s / max(len(self.records), 1)}
+        decode = [r for r in self.records if not r[4]]
+        host_s = sum(r[6] for r in decode) + sum(s for prompt, s in self.absorb_s if not prompt)
+        out = {"host_ms_per_decode_iteration": 1e3 * host_s / max(len(decode), 1), "decode_iterations": len(decode)}
         last_prompt = max((i for i, record in enumerate(self.records) if record[4]), default=None)
         if last_prompt is not None and last_prompt + 1 < len(self.records):
             out["decode_s"] = self.records[last_prompt][2].elapsed_time(self.records[-1][2]) / 1e3
-            out["decode_iterations"] = len(self.records) - last_prompt - 1
         for kind in ("draft", "verify", "mixed"):
-            # A burst of drafts is one iteration of several steps: each step gets its share.
-            times = [(s.elapsed_time(e) / steps, kv, n, steps) for k, s, e, kv, _, n, steps in self.records if k == kind]
+            times = [(s.elapsed_time(e), kv, n) for k, s, e, kv, _, n, _ in self.records if k == kind]
             if not times:
                 continue
-            ms = sorted(t for t, *_ in times)[len(times) // 2]
-            floors = [(weight_bytes + kv * bytes_per_token) / HBM_BYTES_PER_S * 1e3 for _, kv, _, _ in times]
+            ms = sorted(t for t, _, _ in times)[len(times) // 2]
+            floors = [(weight_bytes + kv * bytes_per_token) / HBM_BYTES_PER_S * 1e3 for _, kv, _ in times]
             # Steps differ in rows (requests drift apart and finish), so each is set against its own floor.
-            ratios = sorted(t / f for (t, *_), f in zip(times, floors))
-            widest = max(n for _, _, n, _ in times)
-            full = sorted((t, f) for (t, _, n, _), f in zip(times, floors) if n == widest)
-            out[kind] = {"median_ms": ms, "floor_ms": sorted(floors)[len(floors) // 2], "steps": sum(st for *_, st in times),
-                         "iterations": len(times), "total_ms": sum(t * st for t, _, _, st in times),
-                         "median_floor_ratio": ratios[len(ratios) // 2],
+            ratios = sorted(t / f for (t, _, _), f in zip(times, floors))
+            widest = max(n for _, _, n in times)
+            full = sorted((t, f) for (t, _, n), f in zip(times, floors) if n == widest)
+            out[kind] = {"median_ms": ms, "floor_ms": sorted(floors)[len(floors) // 2], "steps": len(times),
+                         "total_ms": sum(t for t, _, _ in times), "median_floor_ratio": ratios[len(ratios) // 2],
                          "widest_rows": widest, "widest_steps": len(full), "widest_median_ms": full[len(full) // 2][0],
                          "widest_floor_ms": full[len(full) // 2][1]}
         return out
@@ -199,7 +204,7 @@ def measure(model, tag: str, ids: torch.Tensor, method: str, new_tokens: int, sa
         # >1 means faster than plain decoding could ever be at this memory bandwidth.
         "floor_ratio": floor_s / decode_s,
         "steps": {kind: steps[kind] for kind in ("draft", "verify", "mixed") if kind in steps},
-        "host_ms_per_iteration": steps.get("host_ms_per_iteration"),
+        "host_ms_per_decode_iteration": steps.get("host_ms_per_decode_iteration"),
         "decode_iterations": steps.get("decode_iterations"),
         # The batch ends with its slowest request: the spread of per-request acceptance explains tails.
         "accepted_per_request": _spread(stats["mean_accepted_per_sequence"]) if stats and method != "nospec" else None,
@@ -257,7 +262,19 @@ def run_bench(args, rows: list) -> None:
             write_tables(rows, args.out)  # after every row: a run cut short keeps what it measured
 
 
+class _Unfused:
+    """Stands in for ``FusedLinears``: the model's projections and MLPs keep their own code."""
+
+    def __init__(self, model) -> None:
+        pass
+
+    def swapped(self):
+        return contextlib.nullcontext()
+
+
 def run_one(shape: str, method: str, new: int) -> dict:
+    if method.endswith("_unfused_linear"):
+        runner_module.FusedLinears = _Unfused  # this child process only
     batch, context = (int(v) for v in shape.split("x"))
     model = AutoModelForCausalLM.from_pretrained(BENCH_MODEL, dtype=torch.bfloat16).cuda().eval()
     tok = AutoTokenizer.from_pretrained(BENCH_MODEL)
@@ -380,8 +397,8 @@ def main() -> None:
     for r in rows:
         steps = {kind: (v["steps"], round(v["total_ms"])) for kind, v in r.get("steps", {}).items()}
         print(f"{r['model']} {r['batch']}x{r['prompt_len']} {r['method']}: accepted per request "
-              f"{r.get('accepted_per_request')}, steps and ms {steps}, host {r.get('host_ms_per_iteration')} ms per "
-              f"iteration, {r.get('decode_iterations')} decode iterations")
+              f"{r.get('accepted_per_request')}, steps and ms {steps}, host {r.get('host_ms_per_decode_iteration')} ms per "
+              f"decode iteration, {r.get('decode_iterations')} decode iterations")
 
 
 if __name__ == "__main__":

@@ -49,10 +49,6 @@ class SparseSpecConfig:
             to the end.
         delayed_verification: let requests that just verified sit out one iteration, so their results
             travel to the host while the others keep the accelerator busy.
-        draft_bursts: when every row of an iteration is a draft (lockstep rounds), run the drafts left
-            in those rounds as one iteration: one host round trip and one graph replay for the burst
-            instead of one per draft, since a small model's draft step costs less device time than
-            the host needs to plan and launch it.
         offload: move whole requests' KV to host memory when the pool runs out, instead of failing.
         use_triton: run the Triton kernels (CUDA only). ``None`` picks them when available.
         use_cuda_graphs: replay captured CUDA graphs for draft and verification steps. ``None`` picks
@@ -80,7 +76,6 @@ class SparseSpecConfig:
     verify_groups: int | None = None
     plain_tail: float = 0.5
     delayed_verification: bool = True
-    draft_bursts: bool = True
     offload: bool = True
     use_triton: bool | None = None
     use_cuda_graphs: bool | None = None

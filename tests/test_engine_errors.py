@@ -122,7 +122,7 @@ def test_padding_only_step_with_non_finite_logits_touches_only_the_dummy_slot(mo
     views = {name: torch.full((1 if name.startswith("v_") else 8,), value, dtype=torch.long) for name, value in pad.items()}
     real = slice(0, engine.dummy_slot)
     before = engine.round_tokens[real].clone(), engine.draft_probs[real].clone()
-    results, _, _ = engine._device_steps(views, None, engine.max_kv)
+    results, _, _ = engine._device_step(views, None, engine.max_kv)
     assert (results[:, 0] == 0).all()  # nothing accepted
     torch.testing.assert_close(engine.round_tokens[real], before[0], rtol=0, atol=0)
     torch.testing.assert_close(engine.draft_probs[real], before[1], rtol=0, atol=0)

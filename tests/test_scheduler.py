@@ -30,9 +30,8 @@ def verification_phases(monkeypatch, **options) -> set[int]:
     monkeypatch.setattr(engine_module.Engine, "_launch", launch)
     model = tiny_model("llama")
     ids = torch.randint(3, 256, (12, 20))
-    # Without bursts every draft is an iteration of its own, so phases count draft steps.
     model.generate(input_ids=ids, max_new_tokens=48, do_sample=False, custom_generate=hf_sparsespec.generate,
-                   min_budget=4, draft_len=DRAFT_LEN, adaptive_draft=False, draft_bursts=False, **options)
+                   min_budget=4, draft_len=DRAFT_LEN, adaptive_draft=False, **options)
     # A round is k drafts, one verification and one iteration sat out while its result travels,
     # unless every request is waiting for one: then nothing is launched meanwhile.
     gaps = {b - a for steps in verifies.values() for a, b in zip(steps[:3], steps[1:3])}
@@ -161,53 +160,3 @@ def test_only_lockstep_verification_steps_are_marked_verification_only(monkeypat
     assert any(flag for *_, flag in marks)
     for kinds, sizes, flag in marks:
         assert flag == (kinds == {RowKind.VERIFY} and min(sizes) > 1), (kinds, sizes, flag)
-
-
-def run_counting_bursts(monkeypatch, **options):
-    """A lockstep decode of the bench model; returns (output, [steps of each iteration of nothing but drafts])."""
-    bursts = []
-    original_launch = engine_module.Engine._launch
-
-    def launch(self, rows):
-        if rows and all(row.kind is RowKind.DRAFT for row in rows):
-            assert len({row.steps for row in rows}) == 1
-            bursts.append(rows[0].steps)
-        return original_launch(self, rows)
-
-    monkeypatch.setattr(engine_module.Engine, "_launch", launch)
-    return bursts
-
-
-@pytest.mark.parametrize("do_sample", [False, True])
-def test_draft_bursts_run_the_same_drafts_in_fewer_iterations(bench_model, bench_tokenizer, monkeypatch, do_sample):
-    from conftest import code_prompts
-    from test_greedy_equivalence import left_padded
-
-    text = code_prompts(bench_tokenizer, 120, 3)
-    rows = [bench_tokenizer(t).input_ids[:n] for t, n in zip(text, (120, 90, 60))]
-    ids, mask = left_padded(rows, pad=bench_tokenizer.pad_token_id)
-    sampling = dict(do_sample=True, temperature=0.8, top_k=20) if do_sample else dict(do_sample=False)
-    outputs, counts = {}, {}
-    for bursts in (False, True):
-        seen = run_counting_bursts(monkeypatch)
-        torch.manual_seed(0)
-        outputs[bursts] = bench_model.generate(
-            ids, attention_mask=mask, max_new_tokens=40, draft_len=6, min_budget=16, unified_schedule=False,
-            plain_tail=0.0, draft_bursts=bursts, custom_generate=hf_sparsespec.generate, return_dict_in_generate=True,
-            **sampling,
-        )
-        counts[bursts] = seen
-        monkeypatch.undo()
-    # With bursts, an iteration of drafts that all start full rounds runs those rounds; without, one
-    # draft each. Sampling draws the same random numbers in the same order either way, so even
-    # sampled output agrees.
-    assert set(counts[False]) == {1} and 6 in counts[True] and set(counts[True]) <= {1, 6}
-    assert sum(counts[True]) == sum(counts[False]) and len(counts[True]) < len(counts[False])
-    torch.testing.assert_close(outputs[True].sequences, outputs[False].sequences, rtol=0, atol=0)
-    stats_on, stats_off = outputs[True].spec_stats, outputs[False].spec_stats
-    for name in ("num_draft_steps", "num_verify_steps", "num_forward_passes"):
-        assert stats_on[name] == stats_off[name], name
-    assert stats_on["mean_accepted"] == stats_off["mean_accepted"] > 1
-    if not do_sample:
-        expected = bench_model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
-        torch.testing.assert_close(outputs[True].sequences, expected, rtol=0, atol=0)

@@ -17,7 +17,7 @@ from ..config import SparseSpecConfig
 from .request import Request, RowKind
 from .runner import ModelRunner, SlotPageTable
 from .graphs import StepGraphs, bucket
-from .step_builder import advance_drafts, build_step, padding_values
+from .step_builder import build_step, padding_values
 from .upload import upload
 from .sampling import LogitsPlan, PositionState, verify_drafts
 from .scheduler import Row, Scheduler
@@ -228,7 +228,6 @@ class Engine:
         self.page_table.sync(rows)
         arrays = {**step.inputs, **step.post}
         num_singles = len(step.post["single_pos"])
-        steps = rows[0].steps  # the scheduler gives every row of a burst the same count
         captured = self.graphs is not None and not step.has_prefill and not (self.keep_scores or self.keep_logits)
         if captured:
             tokens = bucket(step.num_tokens)
@@ -236,9 +235,8 @@ class Engine:
             verify = min(bucket(num_verify, at_least=1), self.num_slots) if num_verify else 0
             sizes = {name: verify if name.startswith("v_") else tokens for name in arrays}
             results, scores, logits = self.graphs.run(
-                arrays, sizes,
-                functools.partial(self._device_steps_captured, steps=steps, verification_only=step.verification_only),
-                variant=(step.verification_only, steps),
+                arrays, sizes, functools.partial(self._device_step_captured, verification_only=step.verification_only),
+                variant=step.verification_only,
             )
             num_singles = tokens
         else:
@@ -248,9 +246,9 @@ class Engine:
             if num_verify:  # selection needs the buffer's shape even where no scores are written
                 shape = (num_verify, self.cache.num_layers, self.cache.num_kv_heads, step.max_kv_len)
                 attn_scores = torch.zeros(shape, dtype=torch.float32, device=self.cache.device)
-            results, scores, logits = self._device_steps(views, attn_scores, step.max_kv_len, steps,
-                                                         step.fresh_prefill_rows, step.verification_only)
-        self.stats.num_forward_passes += steps
+            results, scores, logits = self._device_step(views, attn_scores, step.max_kv_len, step.fresh_prefill_rows,
+                                                        step.verification_only)
+        self.stats.num_forward_passes += 1
         described = self._describe(rows, step, captured) if self.runner.nonfinite is not None else ""
 
         # Host state that does not depend on device results moves on now.
@@ -260,8 +258,8 @@ class Engine:
                 req.prefilled += row.num_tokens
                 req.waiting = req.prefill_done
             elif row.kind is RowKind.DRAFT:
-                req.drafted += row.steps
-                self.stats.num_draft_steps += row.steps
+                req.drafted += 1
+                self.stats.num_draft_steps += 1
             else:
                 self.stats.num_verify_steps += 1
                 self.stats.num_plain_steps += req.plain
@@ -285,39 +283,24 @@ class Engine:
             for r in rows
         )
         return (f"forward pass {self.stats.num_forward_passes} ({step.num_tokens} tokens, max kv {step.max_kv_len}, "
-                f"captured graph: {captured}, steps: {rows[0].steps}). Rows: {listed}")
+                f"captured graph: {captured}). Rows: {listed}")
 
-    def _device_steps_captured(self, views: dict[str, torch.Tensor], steps: int, verification_only: bool):
-        return self._device_steps(views, self.graph_scores, self.max_kv, steps, verification_only=verification_only)
-
-    def _device_steps(
-        self,
-        v: dict[str, torch.Tensor],
-        attn_scores: torch.Tensor | None,
-        max_kv: int,
-        steps: int = 1,
-        fresh_prefill_rows: list[tuple[int, int]] | None = None,
-        verification_only: bool = False,
-    ):
-        """Everything an iteration does on the device: one step, or a burst of ``steps`` drafts;
-        shapes come from the inputs alone, so this also runs under CUDA-graph capture. Returns
-        the last step's ([n, k + 2] results, processed scores, logits)."""
-        if self.runner.nonfinite is not None:
-            self.runner.nonfinite.zero_()  # once per iteration: a burst's flags add up over its drafts
-        for j in range(steps):
-            out = self._device_step(advance_drafts(v, j) if j else v, attn_scores, max_kv, fresh_prefill_rows,
-                                    verification_only)
-        return out
+    def _device_step_captured(self, views: dict[str, torch.Tensor], verification_only: bool):
+        return self._device_step(views, self.graph_scores, self.max_kv, verification_only=verification_only)
 
     def _device_step(
         self,
         v: dict[str, torch.Tensor],
         attn_scores: torch.Tensor | None,
         max_kv: int,
-        fresh_prefill_rows: list[tuple[int, int]] | None,
-        verification_only: bool,
+        fresh_prefill_rows: list[tuple[int, int]] | None = None,
+        verification_only: bool = False,
     ):
+        """Everything an iteration does on the device; shapes come from the inputs alone, so this
+        also runs under CUDA-graph capture. Returns ([n, k + 2] results, processed scores, logits)."""
         k = self.config.draft_len
+        if self.runner.nonfinite is not None:
+            self.runner.nonfinite.zero_()
         logits = self.runner.forward(v, attn_scores, max_kv, fresh_prefill_rows, verification_only)
         scores = self.plan.apply(logits, self._position_state(v))
         parts = []

@@ -82,6 +82,6 @@ class Request:
         """Cache length the row's request has after the row's K/V is written."""
         if kind is RowKind.PREFILL:
             return self.prefilled + n_tokens
-        if kind is RowKind.DRAFT:  # n_tokens consecutive drafts, one token each
-            return self.num_cached + self.drafted + n_tokens
+        if kind is RowKind.DRAFT:
+            return self.num_cached + self.drafted + 1
         return self.num_cached + self.round_len + 1

@@ -22,7 +22,6 @@ class Row:
     request: Request
     kind: RowKind
     num_tokens: int
-    steps: int = 1  # consecutive draft steps this row runs in one iteration (a burst, see Scheduler)
 
 
 class KVPoolTooSmall(MemoryError):
@@ -104,27 +103,7 @@ class Scheduler:
             rows.append(Row(request, kind, n))
         if not rows and not any(r.results_pending for r in self.active) and self.active:
             raise KVPoolTooSmall(self._too_small_message())
-        self._make_burst(rows)
         return rows
-
-    def _make_burst(self, rows: list[Row]) -> None:
-        """Let an iteration of nothing but drafts that all start full rounds run those rounds' drafts
-        at once (``draft_bursts``): none of them can verify before they are done, so nothing waits
-        for the host in between, and each draft reads its input token on the device. Only whole
-        rounds burst: each burst length is another CUDA graph per size bucket, captured on first use
-        (seen on the H200: bursts of every length met in a run cost more in captures than they saved)."""
-        if not self.config.draft_bursts or not rows or any(row.kind is not RowKind.DRAFT for row in rows):
-            return
-        steps = min(row.request.round_len - row.request.drafted for row in rows)
-        if steps < 2 or steps != self.config.draft_len:
-            return
-        for row in rows:
-            try:
-                self.cache.reserve(row.request.index, row.request.kv_after(RowKind.DRAFT, steps))
-            except OutOfPages:
-                return  # a burst is an optimisation: never offload for one; pages taken stay for the next drafts
-        for row in rows:
-            row.steps = steps
 
     def _admit(self) -> None:
         if any(r.offloaded is not None for r in self.active):

@@ -19,9 +19,6 @@ from .scheduler import Row
 
 PREFILL, DRAFT, VERIFY = 0, 1, 2
 
-# What moves on by one from a draft step to the next draft of the same rows (see ``advance_drafts``).
-_ADVANCING = ("positions", "kv_len", "gather", "single_col", "hf_length", "pos_extra")
-
 
 def padding_values(dummy_slot: int) -> dict[str, int]:
     """What a padding entry holds: it writes no KV, attends to nothing, asks for no scores, and
@@ -165,12 +162,3 @@ def build_step(
         commit_positions=commit_positions,
         verification_only=bool(is_verify.all() and (round_len > 0).all()),
     )
-
-
-def advance_drafts(views: dict, by: int) -> dict:
-    """Device views of the step ``by`` drafts after ``views``' one, for a step of nothing but drafts
-    (a burst): each row's position, cache length, round column and transformers-view length move
-    on, the rest stays. With one token per row, every array of such a step is indexed by row;
-    padding entries (no query) stay as they are."""
-    real = views["q_len"] > 0
-    return {**views, **{name: views[name] + by * real for name in _ADVANCING}}

@@ -55,7 +55,6 @@ def generate(
     verify_groups: int | None = None,
     plain_tail: float | None = None,
     delayed_verification: bool | None = None,
-    draft_bursts: bool | None = None,
     offload: bool | None = None,
     use_triton: bool | None = None,
     use_cuda_graphs: bool | None = None,
