@@ -367,7 +367,7 @@ class Engine:
         elif flags is not None:
             out.nonfinite = flags.clone()
         if self.keep_scores or self.keep_logits:
-            for row_positions in step.commit_positions:
+            for row_positions in step.commit_positions():
                 at = torch.from_numpy(row_positions).to(scores.device)
                 out.scores.append(scores[at] if self.keep_scores else None)
                 out.logits.append(logits[at] if self.keep_logits else None)
