@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,7 @@ import hf_sparsespec  # noqa: F401  (registers the attention function and the cu
 
 BENCH_MODEL = Path(hf_sparsespec.__file__).parent / "models" / "bench-code-lm"
 PACKAGE_DIR = Path(hf_sparsespec.__file__).parent
+REPO = Path(__file__).resolve().parents[1]
 
 TINY_CONFIGS = {
     "llama": dict(model_type="llama"),
@@ -93,3 +98,39 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# ---- kernel checks in child processes --------------------------------------------------------
+# TRITON_INTERPRET must be set before triton is imported, so kernel tests run their cases in child
+# processes: the test module itself, run as a script with the case names as arguments.
+def run_checks(checks: dict, names: list[str]) -> None:
+    """The child's side: run the named checks and print their results as one JSON line."""
+    import torch
+
+    torch.use_deterministic_algorithms(True)  # with fill_uninitialized_memory: torch.empty holds NaN
+    results = {}
+    for name in names:
+        try:
+            results[name] = checks[name](name)
+        except Exception as exc:  # reported per case by the parent
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    print("RESULTS " + json.dumps(results))
+
+
+def run_children(script: str, groups: list[tuple[list[str], bool]]) -> dict:
+    """The parent's side: one child of ``script`` per (case names, interpreted) group, all at once."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("TRITON_INTERPRET", None)
+    procs = [
+        subprocess.Popen([sys.executable, script, *names], cwd=REPO, env={**env, "TRITON_INTERPRET": "1"} if interpreted else env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for names, interpreted in groups
+    ]
+    results = {}
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        lines = [line for line in stdout.splitlines() if line.startswith("RESULTS ")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"kernel-check child failed (exit {proc.returncode}):\n{stderr[-4000:]}")
+        results.update(json.loads(lines[-1][len("RESULTS ") :]))
+    return results

@@ -10,15 +10,12 @@ the compiler rejects.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_children
+
 
 # name: (shape of gate|up, dtype, strided): odd widths exercise the masks, 1100 takes two column
 # blocks, a strided input is a slice of wider rows.
@@ -306,57 +303,27 @@ def _check_variants(_case):
 
 
 def _check_sm90(_case):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from test_triton_kernels import compile_sm90
 
-    from hf_sparsespec.generation.fused_linear import _silu_mul_kernel
-
-    signature = {"x_ptr": "*bf16", "out_ptr": "*bf16", "width": "i32", "stride_x": "i32", "stride_o": "i32", "BLOCK": "constexpr"}
-    attrs = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]],
-             (3,): [["tt.divisibility", 16]], (4,): [["tt.divisibility", 16]]}
-    triton.compile(ASTSource(_silu_mul_kernel, signature, {"BLOCK": 1024}, attrs), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": 4})
+    compile_sm90("_silu_mul_kernel", {"BLOCK": 1024}, 4)
     return {"compiled": True}
 
 
 def _child(names: list[str]) -> None:
-    import torch
+    from conftest import run_checks
 
-    torch.use_deterministic_algorithms(True)  # with fill_uninitialized_memory: torch.empty holds NaN
-    checks = {
+    run_checks({
         **{name: _check_silu_mul for name in SILU_CASES}, MODELS_CASE: _check_models, RESTORED_CASE: _check_restored,
         REPLACED_CASE: _check_replaced, SIBLING_CASE: _check_siblings, VARIANTS_CASE: _check_variants, SM90_CASE: _check_sm90,
-    }
-    results = {}
-    for name in names:
-        try:
-            results[name] = checks[name](name)
-        except Exception as exc:  # reported per case by the parent
-            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-    print("RESULTS " + json.dumps(results))
+    }, names)
 
 
 # ---- the tests -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def results():
     pytest.importorskip("triton")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    env.pop("TRITON_INTERPRET", None)
     interpreted = [*SILU_CASES, MODELS_CASE, RESTORED_CASE, REPLACED_CASE, SIBLING_CASE, VARIANTS_CASE]
-    procs = [
-        subprocess.Popen([sys.executable, __file__, *names], cwd=REPO, env={**env, "TRITON_INTERPRET": "1"} if interpret else env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for names, interpret in ((interpreted, True), ([SM90_CASE], False))
-    ]
-    out = {}
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=600)
-        lines = [line for line in stdout.splitlines() if line.startswith("RESULTS ")]
-        if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"child failed (exit {proc.returncode}):\n{stderr[-4000:]}")
-        out.update(json.loads(lines[-1][len("RESULTS ") :]))
-    return out
+    return run_children(__file__, [(interpreted, True), ([SM90_CASE], False)])
 
 
 def _ok(results, case):

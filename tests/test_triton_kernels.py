@@ -16,16 +16,13 @@ interpreter accepts code the compiler rejects. Numbers on the GPU: benchmarks/ke
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_children
+
 
 # name: (page_size, kv_heads, group, head_dim, dtype, overrides for paged_attention). Batches of many
 # tokens per row take the prefill tile shape, graph-like ones (a row per token) the decode shape.
@@ -444,9 +441,9 @@ def compile_sm90(kernel_name: str, constexprs: dict, warps: int, stages: int = 2
     from triton.compiler import ASTSource
 
     from hf_sparsespec.attention import selection_kernel, triton_kernels
-    from hf_sparsespec.generation import fused_norm, fused_rotary
+    from hf_sparsespec.generation import fused_linear, fused_norm, fused_rotary
 
-    modules = (triton_kernels, selection_kernel, fused_norm, fused_rotary)
+    modules = (triton_kernels, selection_kernel, fused_norm, fused_rotary, fused_linear)
     fn = next(getattr(m, kernel_name) for m in modules if hasattr(m, kernel_name))
     if kernel_name in ("_attention_kernel", "_finish_kernel"):  # Qwen3-8B: 32 query heads over 8 KV heads of 128
         constexprs = dict(G=4, HKV=8, HQ=32, D=128, D_PAD=128, R_PAD=256, SPLIT_COST=16, **constexprs)
@@ -471,52 +468,25 @@ def compile_sm90(kernel_name: str, constexprs: dict, warps: int, stages: int = 2
 
 
 def _child(names: list[str]) -> None:
-    import torch
+    from conftest import run_checks
 
-    torch.use_deterministic_algorithms(True)  # with fill_uninitialized_memory: torch.empty holds NaN
-    checks = {
+    run_checks({
         **{name: _compile_sm90 for name in SM90_KERNELS}, **{name: _check_attention for name in CASES},
         **{name: _check_write_kv for name in WRITE_KV_CASES}, **{name: _check_rms_norm for name in NORM_CASES},
         **{name: _check_rotary for name in ROTARY_CASES}, **{name: _check_select for name in SELECT_CASES},
         FUSED_NORMS_CASE: _check_fused_norms,
         FUSED_ROTARY_CASE: _check_fused_rotary,
-    }
-    results = {}
-    for name in names:
-        try:
-            results[name] = checks[name](name)
-        except Exception as exc:  # reported per case by the parent
-            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-    print("RESULTS " + json.dumps(results))
+    }, names)
 
 
 # ---- the tests -------------------------------------------------------------------------------
-def _run_children(groups: list[tuple[list[str], bool]]) -> dict:
-    """One child per (case names, interpreted) group, all at once."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    env.pop("TRITON_INTERPRET", None)
-    procs = [
-        subprocess.Popen([sys.executable, __file__, *names], cwd=REPO, env={**env, "TRITON_INTERPRET": "1"} if interpreted else env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for names, interpreted in groups
-    ]
-    results = {}
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=600)
-        lines = [line for line in stdout.splitlines() if line.startswith("RESULTS ")]
-        if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"interpreter child failed (exit {proc.returncode}):\n{stderr[-4000:]}")
-        results.update(json.loads(lines[-1][len("RESULTS ") :]))
-    return results
-
-
 @pytest.fixture(scope="module")
 def results():
     pytest.importorskip("triton")
     names = (list(CASES) + list(WRITE_KV_CASES) + list(NORM_CASES) + [FUSED_NORMS_CASE] + list(ROTARY_CASES)
              + [FUSED_ROTARY_CASE] + list(SELECT_CASES))
     # Sized for the two cores of a small CI machine.
-    return _run_children([(names[0::2], True), (names[1::2], True), (list(SM90_KERNELS), False)])
+    return run_children(__file__, [(names[0::2], True), (names[1::2], True), (list(SM90_KERNELS), False)])
 
 
 @pytest.mark.parametrize("case", list(CASES))
