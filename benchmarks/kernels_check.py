@@ -537,17 +537,8 @@ def bench_tiles(results: dict) -> None:
         batch = make()
         if batch.ctx.scores is not None:
             batch = replace(batch, ctx=replace(batch.ctx, score_block=selection.SCORE_BLOCK))
-        want, want_scores = (t.clone() if t is not None else None for t in run_attention(batch))
-        for variant, overrides in variants:
-
-            def check(got, got_scores, want=want, want_scores=want_scores, batch=batch):
-                same = bool(torch.allclose(got[0, batch.real].float(), want[0, batch.real].float(), atol=2e-2, rtol=0))
-                if want_scores is not None:
-                    same = same and bool(torch.allclose(got_scores, want_scores, atol=1e-6, rtol=1e-3, equal_nan=True))
-                return same
-
-            timed_variant(results, f"{label} {variant}", batch, check, **overrides)
-        batch = want = want_scores = None
+        time_variants(results, label, batch, variants)
+        batch = None
 
 
 def lockstep_tiles(results: dict) -> None:
@@ -574,18 +565,22 @@ def lockstep_tiles(results: dict) -> None:
         ("block_m=64, registers<=128/168", dict(block_m=64, max_registers=128, finish_max_registers=168)),
     ]
     for label, batch in cases:
-        want, want_scores = (t.clone() if t is not None else None for t in run_attention(batch))
-        for variant, overrides in (variants if "verify" in label else variants[:1]):
-
-            def check(got, got_scores, want=want, want_scores=want_scores, batch=batch):
-                same = bool(torch.allclose(got[0, batch.real].float(), want[0, batch.real].float(), atol=2e-2, rtol=0))
-                if want_scores is not None:
-                    same = same and bool(torch.allclose(got_scores, want_scores, atol=1e-6, rtol=1e-3, equal_nan=True))
-                return same
-
-            timed_variant(results, f"{label} {variant}", batch, check, **overrides)
-        want = want_scores = None
+        time_variants(results, label, batch, variants if "verify" in label else variants[:1])
     verify = cases = None
+
+
+def time_variants(results: dict, label: str, batch: Batch, variants: list[tuple[str, dict]]) -> None:
+    """Time each (name, overrides) variant on ``batch``, its outputs (and scores) checked against the default's."""
+    want, want_scores = (t.clone() if t is not None else None for t in run_attention(batch))
+
+    def check(got, got_scores):
+        same = bool(torch.allclose(got[0, batch.real].float(), want[0, batch.real].float(), atol=2e-2, rtol=0))
+        if want_scores is not None:
+            same = same and bool(torch.allclose(got_scores, want_scores, atol=1e-6, rtol=1e-3, equal_nan=True))
+        return same
+
+    for variant, overrides in variants:
+        timed_variant(results, f"{label} {variant}", batch, check, **overrides)
 
 
 def write_kv_timing(results: dict) -> None:
