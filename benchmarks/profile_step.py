@@ -73,7 +73,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=160)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--speculate", type=int, default=1)
-    p.add_argument("--kind", help='profile only iterations whose rows are of this kind: "draft", "verify", "draft+verify"')
+    p.add_argument("--kind", help='profile only iterations whose rows are of this kind: "draft", "verify", "draft+verify"; '
+                   'several, comma-separated, make one table each')
     p.add_argument("--selection", help='a selection policy other than the default, e.g. "pillar_block"')
     p.add_argument("--qwen8b", action="store_true",
                    help="the Qwen3-8B-shaped random model, in lockstep rounds (steps are pure draft or verify)")
@@ -91,15 +92,22 @@ def main() -> None:
         tok = AutoTokenizer.from_pretrained(BENCH_MODEL)
         ids = prompts_for(tok, args.batch, args.context - args.new_tokens, seed=args.batch).cuda()
     model_tag = "qwen8b_" if args.qwen8b else ""
-    kind_tag = f"_{args.kind.replace('+', '_')}" if args.kind else ""
     selection_tag = f"_{args.selection}" if args.selection else ""
-    tag = f"{model_tag}b{args.batch}_{args.context}_{'sparsespec' if args.speculate else 'nospec'}{selection_tag}{kind_tag}"
+    # One process for every kind asked for: the model loads and the graphs are captured once.
+    for kind in args.kind.split(",") if args.kind else [None]:
+        kind_tag = f"_{kind.replace('+', '_')}" if kind else ""
+        tag = f"{model_tag}b{args.batch}_{args.context}_{'sparsespec' if args.speculate else 'nospec'}{selection_tag}{kind_tag}"
+        profile_kind(model, ids, args, options, kind, tag)
+
+
+def profile_kind(model, ids, args, options: dict, kind: str | None, tag: str) -> None:
+    """Write and print the kernel table of ``kind``'s decode iterations (graphs, else eager)."""
     for extra in (options, dict(options, use_cuda_graphs=False)):
         generate(model, ids, args.new_tokens, extra)  # Triton compiles and graph captures
-        prof, state = profiled_generate(model, ids, args.new_tokens, args.steps, extra, args.kind)
+        prof, state = profiled_generate(model, ids, args.new_tokens, args.steps, extra, kind)
         if state["seen"] == 0:
-            print(f"{tag}: no decode iteration of kind {args.kind!r}", flush=True)
-            break
+            print(f"{tag}: no decode iteration of kind {kind!r}", flush=True)
+            return
         events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA or e.self_device_time_total > 0]
         kernels = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)
         total_us = sum(e.self_device_time_total for e in kernels)
@@ -114,8 +122,7 @@ def main() -> None:
         print(f"{tag} {extra}: {state['seen']} steps {state['kinds']}, {total_us / state['seen']:.0f} us of kernels per step")
         for r in rows:
             print(f"{r['us_per_step']:9.1f} us {100 * r['share']:5.1f}% x{r['calls'] / state['seen']:6.1f}  {r['name']}")
-        break
-
+        return
 
 if __name__ == "__main__":
     main()
