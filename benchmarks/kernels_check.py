@@ -569,6 +569,37 @@ def lockstep_tiles(results: dict) -> None:
     verify = cases = None
 
 
+def score_pass(results: dict) -> None:
+    """The per-position PillarAttn score pass (the default "pillar" policy's), which re-reads K of
+    verification rows in the finish kernel (``--only score-pass``). In session 10's profile of a
+    unified b128 x 16k bench step it took 655 us of 2,144 (the attention 723): ~75 us per layer for
+    14 verification rows whose K is 58 MB per layer, ~13 us at 4.3 TB/s. The same step without
+    scores shows what the pass costs; the variants change its query tile, warps, stages and registers.
+    The Qwen3-8B shape's lockstep verification (64 rows x 9 tokens at 8k) is timed the same way."""
+    bf = torch.bfloat16
+    unified = build("bench", bf, 16, decode_rows(["verify"] * 14 + ["draft"] * 114, [16384] * 128), graph_like=True, tokens=256)
+    qwen = build("qwen3-8b", bf, 16, decode_rows(["verify"] * 64, [8192] * 64), graph_like=True, tokens=576)
+    qwen = replace(qwen, ctx=replace(qwen.ctx, verification_only=True))
+    cases = [
+        ("unified b128 16k bench-shape scores", unified, [
+            ("default", {}), ("score_m=32", dict(score_m=32)), ("finish_warps=8", dict(finish_warps=8)),
+            ("finish_warps=2", dict(finish_warps=2)), ("finish_stages=3", dict(finish_stages=3)),
+            ("finish uncapped", dict(finish_max_registers=0)), ("score_m=32, finish_warps=2", dict(score_m=32, finish_warps=2)),
+            ("score_m=32, finish uncapped", dict(score_m=32, finish_max_registers=0)),
+            ("block_n=64", dict(block_n=64)), ("8 items/SM", dict(target_items=8 * torch.cuda.get_device_properties(DEVICE).multi_processor_count)),
+        ]),
+        ("unified b128 16k bench-shape no scores", replace(unified, ctx=replace(unified.ctx, scores=None)), [("default", {})]),
+        ("lockstep verify b64 8k qwen-shape scores", qwen, [
+            ("default", {}), ("finish_warps=8", dict(finish_warps=8)), ("finish_stages=3", dict(finish_stages=3)),
+            ("finish uncapped", dict(finish_max_registers=0)), ("finish regs<=168", dict(finish_max_registers=168)),
+        ]),
+        ("lockstep verify b64 8k qwen-shape no scores", replace(qwen, ctx=replace(qwen.ctx, scores=None)), [("default", {})]),
+    ]
+    for label, batch, variants in cases:
+        time_variants(results, label, batch, variants)
+    unified = qwen = cases = None
+
+
 def time_variants(results: dict, label: str, batch: Batch, variants: list[tuple[str, dict]]) -> None:
     """Time each (name, overrides) variant on ``batch``, its outputs (and scores) checked against the default's."""
     want, want_scores = (t.clone() if t is not None else None for t in run_attention(batch))
@@ -686,7 +717,7 @@ def main() -> None:
     global OUT_FILE, TIME_BUDGET_S
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--only", choices=["verify-sweep", "tuning", "bench-tiles", "lockstep-tiles", "selection"],
+    parser.add_argument("--only", choices=["verify-sweep", "tuning", "bench-tiles", "lockstep-tiles", "selection", "score-pass"],
                         help="run one section instead of the whole check")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -705,6 +736,9 @@ def main() -> None:
     elif args.only == "lockstep-tiles":
         sections = [lockstep_tiles]
         TIME_BUDGET_S = 150  # 13 variants
+    elif args.only == "score-pass":
+        sections = [score_pass]
+        TIME_BUDGET_S = 200  # 17 variants
     elif args.only == "tuning":
         sections = [tuning_sweep]
         TIME_BUDGET_S = 150  # 18 variants

@@ -555,6 +555,9 @@ def paged_attention(
     num_warps: int | None = None,
     max_registers: int | None = None,
     finish_max_registers: int | None = None,
+    score_m: int | None = None,
+    finish_warps: int | None = None,
+    finish_stages: int | None = None,
 ) -> torch.Tensor:
     """PillarAttn over the paged pool for a packed batch of full and draft rows; (1, T, Hq, D).
 
@@ -569,12 +572,13 @@ def paged_attention(
         layer: index into ``ctx.selection`` and ``ctx.scores``.
         scale: softmax scale applied to Q K^T.
         block_m, block_n, target_items, split_tokens, num_stages, num_warps, max_registers,
-            finish_max_registers: tuning overrides for benchmarks and tests (query-tile rows, KV
-            block, items the split sizing aims at, a fixed number of KV positions per split, the
-            attention kernel's pipeline stages, warps and registers per thread, and the finish
-            kernel's registers per thread; register caps apply on CUDA only, 0 lifts the default
-            one); by default chosen from the shapes and, for the split size, from the step's work
-            on the device.
+            finish_max_registers, score_m, finish_warps, finish_stages: tuning overrides for
+            benchmarks and tests (query-tile rows, KV block, items the split sizing aims at, a fixed
+            number of KV positions per split, the attention kernel's pipeline stages, warps and
+            registers per thread, and the finish kernel's registers per thread, score-pass tile rows,
+            warps and pipeline stages; register caps apply on CUDA only, 0 lifts the default one);
+            by default chosen from the shapes and, for the split size, from the step's work on the
+            device.
     """
     _, num_q_heads, num_tokens, head_dim = query.shape
     num_rows = ctx.q_len.shape[0]
@@ -661,13 +665,14 @@ def paged_attention(
         scores = ctx.scores[:, layer] if write_scores else out  # [V, H, width]
         # Partials merged per step: as many as keep the loaded tiles near 64 fp32 values per thread.
         merge_group = max(1, min(8, 64 * 32 * 4 // (block_m * d_pad)))
+        score_m = max(score_m or tiles.score_m, _pow2(group, 16))
         _finish_kernel[grid](
             q, k_pool, out, lse, part_o, part_lse, scores, blse, *rows, block_tables,
             *plan, scores.shape[-1], num_score_blocks, qk_scale,
             q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), out.stride(1), out.stride(2),
             block_tables.stride(0), scores.stride(0), scores.stride(1),
-            **shared, MERGE_GROUP=merge_group, SCORE_M=tiles.score_m, SCORE_Q=tiles.score_m // group,
-            WRITE_SCORES=write_scores, SCORE_BLOCK=score_block, num_warps=4, num_stages=2,
+            **shared, MERGE_GROUP=merge_group, SCORE_M=score_m, SCORE_Q=score_m // group,
+            WRITE_SCORES=write_scores, SCORE_BLOCK=score_block, num_warps=finish_warps or 4, num_stages=finish_stages or 2,
             **({"maxnreg": finish_max_registers} if finish_max_registers and on_gpu else {}),
         )
     return out
