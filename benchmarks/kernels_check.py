@@ -155,6 +155,7 @@ def build(shape: str, dtype: torch.dtype, page_size: int, rows: list[Row], *, to
         scores=torch.full((num_score_rows or num_scores, 1, hkv, max_kv), float("nan"), device=DEVICE) if num_scores else None,
         max_kv_len=max_kv,
         use_triton=True,
+        verify_len=max([r.n for r in rows if r.scores] + [0]),  # as the engine sets it: draft_len + 1
     )
     return Batch(query, k_pool, v_pool, ctx, rows, real)
 
@@ -582,16 +583,14 @@ def score_pass(results: dict) -> None:
     qwen = replace(qwen, ctx=replace(qwen.ctx, verification_only=True))
     cases = [
         ("unified b128 16k bench-shape scores", unified, [
-            ("default", {}), ("score_m=32", dict(score_m=32)), ("finish_warps=8", dict(finish_warps=8)),
-            ("finish_warps=2", dict(finish_warps=2)), ("finish_stages=3", dict(finish_stages=3)),
-            ("finish uncapped", dict(finish_max_registers=0)), ("score_m=32, finish_warps=2", dict(score_m=32, finish_warps=2)),
-            ("score_m=32, finish uncapped", dict(score_m=32, finish_max_registers=0)),
-            ("block_n=64", dict(block_n=64)), ("8 items/SM", dict(target_items=8 * torch.cuda.get_device_properties(DEVICE).multi_processor_count)),
+            ("default", {}), ("score_m=64 (session 9)", dict(score_m=64)), ("finish_warps=2", dict(finish_warps=2)),
+            ("finish_stages=3", dict(finish_stages=3)), ("finish_warps=2, finish_stages=3", dict(finish_warps=2, finish_stages=3)),
         ]),
         ("unified b128 16k bench-shape no scores", replace(unified, ctx=replace(unified.ctx, scores=None)), [("default", {})]),
         ("lockstep verify b64 8k qwen-shape scores", qwen, [
-            ("default", {}), ("finish_warps=8", dict(finish_warps=8)), ("finish_stages=3", dict(finish_stages=3)),
-            ("finish uncapped", dict(finish_max_registers=0)), ("finish regs<=168", dict(finish_max_registers=168)),
+            ("default", {}), ("finish uncapped (session 9)", dict(finish_max_registers=0)), ("finish_warps=8", dict(finish_warps=8)),
+            ("finish_stages=3", dict(finish_stages=3)), ("finish regs<=128", dict(finish_max_registers=128)),
+            ("finish_warps=8, regs<=128", dict(finish_warps=8, finish_max_registers=128)),
         ]),
         ("lockstep verify b64 8k qwen-shape no scores", replace(qwen, ctx=replace(qwen.ctx, scores=None)), [("default", {})]),
     ]

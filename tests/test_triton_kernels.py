@@ -53,6 +53,9 @@ CASES = {
     # 64-position blocks, with and without block scores (the hint sizes tiles; results must not move).
     "graph_like_page16_g4_d128_whole_row_tiles": (16, 1, 4, 128, "float32", dict(graph_like=True, verification_only=True)),
     "page16_g4_d128_whole_row_tiles_block_scores": (16, 1, 4, 128, "float32", dict(verification_only=True, score_block=16)),
+    # A score tile sized for 2-query verifications (16 rows: 5 queries x 3 heads) over longer rows: the
+    # score pass then takes several query tiles per row, each adding to what the last one stored.
+    "page16_g3_d32_score_tiles_short_verify_len": (16, 2, 3, 32, "float32", dict(verify_len=2)),
 }
 # bfloat16 attention is checked only on the GPU (benchmarks/kernels_check.py): Triton 3.9's interpreter
 # computes tl.dot on bfloat16 operands wrongly (a lone 16x16 product is off by orders of magnitude).
@@ -180,7 +183,8 @@ def _check_attention(case):
     layer = 1
     query, k_pool, v_pool, ctx = build_batch(page_size, kv_heads, group, head_dim, dtype, layer=layer, graph_like=graph_like)
     ctx = dataclasses.replace(ctx, score_block=overrides.pop("score_block", 1),
-                              verification_only=overrides.pop("verification_only", False))
+                              verification_only=overrides.pop("verification_only", False),
+                              verify_len=overrides.pop("verify_len", 0))
     scale = head_dim**-0.5
     ref_ctx = dataclasses.replace(ctx, scores=ctx.scores.clone(), use_triton=False)
     # The reference on upcast inputs: the kernels accumulate in fp32 as well.
@@ -578,6 +582,16 @@ def test_verification_only_steps_take_whole_row_tiles_past_64_dims(head_dim):
     else:
         assert (hinted.block_m, hinted.block_n, hinted.max_registers) == (64, 64, 128)
         assert (plain.block_m, plain.max_registers) == (16, 0)  # decode tiles: capped in paged_attention
+
+
+@pytest.mark.parametrize("group, verify_len, rows", [(3, 9, 32), (4, 9, 64), (3, 0, 64), (8, 9, 64), (1, 5, 16)])
+def test_score_tile_holds_one_verification_row(group, verify_len, rows):
+    # The score pass's query tile: a whole verification row (its queries times the group's heads) in
+    # the fewest rows, at most 64; unknown verification lengths keep room for 16 queries.
+    triton_kernels = pytest.importorskip("hf_sparsespec.attention.triton_kernels")
+    tiles = triton_kernels._tile_shape(num_tokens=256, num_rows=128, group=group, d_pad=64, big_blocks=True,
+                                       verify_len=verify_len)
+    assert tiles.score_m == rows
 
 
 if __name__ == "__main__":

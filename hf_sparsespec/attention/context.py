@@ -55,6 +55,9 @@ class StepContext:
     # Every row is a verification of drafts (known on the host; part of a CUDA graph's key), so the
     # kernels may size query tiles to hold a whole row instead of a decode step's one token.
     verification_only: bool = False
+    # Queries of a verification row (draft_len + 1; 0: unknown), known on the host: sizes the score
+    # pass's query tile to hold one whole row.
+    verify_len: int = 0
     # check_finite: [L + 1] bool on the device; entry l is set when layer l's attention output of a
     # real token (one that writes KV) is not finite, the last entry by the runner for the logits.
     nonfinite: torch.Tensor | None = None

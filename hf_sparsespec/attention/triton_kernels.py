@@ -69,6 +69,9 @@ _WHOLE_ROW_MAX_REGISTERS = 128
 # The finish kernel's, with 16-row tiles: uncapped 255 (2 programs per SM), at 168 three fit for a
 # few spills, which made verification and unified steps 7-19% faster (64-position blocks; with the
 # 128-position ones its 84 KB of shared memory allow 2 per SM anyway).
+# Whole-row tiles (verification-only steps) gain from it as well: a Qwen3-8B-shaped lockstep verification
+# (64 rows x 9 tokens at 8k, per-position scores) took 1,341 us per layer at 168 against 1,464 uncapped
+# (H200, session 10, kernels_check --only score-pass).
 _FINISH_MAX_REGISTERS = 168
 
 
@@ -499,7 +502,7 @@ class _Tiles:
 
 
 def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int, big_blocks: bool,
-                verification_only: bool = False) -> _Tiles:
+                verification_only: bool = False, verify_len: int = 0) -> _Tiles:
     """Tile shapes from shapes alone.
 
     Prefill-like steps (many tokens per row) take 128-row query tiles: tensor-core sized, and
@@ -521,11 +524,16 @@ def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int, big_bloc
     8k verification took 569 us per layer with block scores against 739 for 16-row tiles (442 against
     539 without scores; per-position scores 772 against 798). The bench model's 64-dim heads gained
     nothing (session 8), and mixed steps keep 16-row tiles for their drafts (session 5).
+
+    The score pass holds a whole verification row in one query tile (its queries times the group's
+    heads), so each K block is read once for all of them; sized from ``verify_len`` when known, the
+    tile wastes no rows on queries that do not exist: bench-code-lm's 9 x 3 rows in 32 rather than 64
+    made a unified 128 x 16k step's attention 13% faster (139 -> 121 us per layer, H200, session 10).
     """
     block_n = 64 if d_pad <= 128 else 32
     items_per_sm = _ITEMS_PER_SM
     small = _pow2(group, 16)
-    score_m = max(min(64, _pow2(group * 16)), small)
+    score_m = max(min(64, _pow2(group * (verify_len or 16))), small)
     if verification_only and 64 < d_pad <= 128:
         return _Tiles(max(64, small), 64, score_m, items_per_sm, _WHOLE_ROW_MAX_REGISTERS)
     if num_tokens > 2 * num_rows:
@@ -591,7 +599,8 @@ def paged_attention(
         raise ValueError("paged_attention needs pools with a contiguous last dimension")
     q = _last_dim_contiguous(query[0])  # (Hq, T, D)
     d_pad = _pow2(head_dim, 16)
-    tiles = _tile_shape(num_tokens, num_rows, group, d_pad, _hopper_shared_memory(query.device), ctx.verification_only)
+    tiles = _tile_shape(num_tokens, num_rows, group, d_pad, _hopper_shared_memory(query.device), ctx.verification_only,
+                        ctx.verify_len)
     block_m = max(block_m or tiles.block_m, _pow2(group, 16))
     block_n = block_n or tiles.block_n
     qpt = block_m // group
@@ -649,7 +658,7 @@ def paged_attention(
         else:
             max_registers = tiles.max_registers if block_m == tiles.block_m else 0
     if finish_max_registers is None:
-        finish_max_registers = _FINISH_MAX_REGISTERS if decode_tiles else 0
+        finish_max_registers = _FINISH_MAX_REGISTERS if decode_tiles or ctx.verification_only else 0
     on_gpu = query.device.type == "cuda"  # the interpreter takes no register cap
     _attention_kernel[grid](
         q, k_pool, v_pool, out, lse, part_o, part_lse, blse, *rows, block_tables, selection,

@@ -121,6 +121,7 @@ class ModelRunner:
             selection_mass=self.selection_mass,
             fresh_prefill_rows=fresh_prefill_rows,
             verification_only=verification_only,
+            verify_len=self.round_tokens.shape[1],
             nonfinite=self.nonfinite,
         )
         kwargs = {self.cache_kwarg: self.cache, "use_cache": True}
