@@ -72,11 +72,16 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("gpu_check_out"))
     p.add_argument("--selection", default="pillar", help="the selection policy of every sparsespec call")
     p.add_argument("--fp32-only", action="store_true", help="stop after the float32 greedy comparison")
+    p.add_argument("--wide-only", action="store_true", help="only the 128-dim-head model's float32 greedy comparison")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {}
     tok = AutoTokenizer.from_pretrained(BENCH_MODEL)
     enc = {k: v.cuda() for k, v in prompts(tok, 6, 1500).items()}
+    if args.wide_only:
+        wide_heads_check(report, enc, len(tok))
+        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+        return
 
     model = AutoModelForCausalLM.from_pretrained(BENCH_MODEL, dtype=torch.float32).cuda().eval()
     ref = model.generate(**enc, max_new_tokens=300, do_sample=False)

@@ -588,9 +588,9 @@ def score_pass(results: dict) -> None:
         ]),
         ("unified b128 16k bench-shape no scores", replace(unified, ctx=replace(unified.ctx, scores=None)), [("default", {})]),
         ("lockstep verify b64 8k qwen-shape scores", qwen, [
-            ("default", {}), ("finish uncapped (session 9)", dict(finish_max_registers=0)), ("finish_warps=8", dict(finish_warps=8)),
-            ("finish_stages=3", dict(finish_stages=3)), ("finish regs<=128", dict(finish_max_registers=128)),
-            ("finish_warps=8, regs<=128", dict(finish_warps=8, finish_max_registers=128)),
+            ("default", {}), ("finish uncapped (session 9)", dict(finish_max_registers=0)),
+            ("finish regs<=168", dict(finish_max_registers=168)), ("finish regs<=96", dict(finish_max_registers=96)),
+            ("finish_stages=3", dict(finish_stages=3)),
         ]),
         ("lockstep verify b64 8k qwen-shape no scores", replace(qwen, ctx=replace(qwen.ctx, scores=None)), [("default", {})]),
     ]

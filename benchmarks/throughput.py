@@ -53,6 +53,8 @@ ENGINE_METHODS = {
     # The same without the fused projections and gated-MLP kernel (fused_linear), for an A/B in one call.
     "sparsespec_unfused_linear": dict(),
     "nospec_unfused_linear": dict(speculate=False),
+    # The score pass's query tile sized as before session 10 (room for 16 queries, not draft_len + 1).
+    "sparsespec_score_tile_16q": dict(),
 }
 
 
@@ -272,9 +274,18 @@ class _Unfused:
         return contextlib.nullcontext()
 
 
+def _score_tile_16q(tile_shape):
+    """``_tile_shape`` as it was before session 10: the verification length ignored."""
+    return lambda *args, **kwargs: tile_shape(*args, **{**kwargs, "verify_len": 0})
+
+
 def run_one(shape: str, method: str, new: int) -> dict:
     if method.endswith("_unfused_linear"):
         runner_module.FusedLinears = _Unfused  # this child process only
+    if method.endswith("_score_tile_16q"):
+        from hf_sparsespec.attention import triton_kernels
+
+        triton_kernels._tile_shape = _score_tile_16q(triton_kernels._tile_shape)
     batch, context = (int(v) for v in shape.split("x"))
     model = AutoModelForCausalLM.from_pretrained(BENCH_MODEL, dtype=torch.bfloat16).cuda().eval()
     tok = AutoTokenizer.from_pretrained(BENCH_MODEL)

@@ -580,7 +580,7 @@ def test_verification_only_steps_take_whole_row_tiles_past_64_dims(head_dim):
     if head_dim == 64:  # the bench model's heads gained nothing from them (session 8)
         assert hinted == plain
     else:
-        assert (hinted.block_m, hinted.block_n, hinted.max_registers) == (64, 64, 128)
+        assert (hinted.block_m, hinted.block_n, hinted.max_registers, hinted.finish_max_registers) == (64, 64, 128, 128)
         assert (plain.block_m, plain.max_registers) == (16, 0)  # decode tiles: capped in paged_attention
 
 

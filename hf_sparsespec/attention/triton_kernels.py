@@ -69,10 +69,11 @@ _WHOLE_ROW_MAX_REGISTERS = 128
 # The finish kernel's, with 16-row tiles: uncapped 255 (2 programs per SM), at 168 three fit for a
 # few spills, which made verification and unified steps 7-19% faster (64-position blocks; with the
 # 128-position ones its 84 KB of shared memory allow 2 per SM anyway).
-# Whole-row tiles (verification-only steps) gain from it as well: a Qwen3-8B-shaped lockstep verification
-# (64 rows x 9 tokens at 8k, per-position scores) took 1,341 us per layer at 168 against 1,464 uncapped
-# (H200, session 10, kernels_check --only score-pass).
 _FINISH_MAX_REGISTERS = 168
+# After whole-row tiles (verification-only steps past 64 dims) a tighter cap pays more: a Qwen3-8B-shaped
+# lockstep verification (64 rows x 9 tokens at 8k, per-position scores) took 1,223 us per layer at 128
+# against 1,337 at 168 and 1,462 uncapped (H200, session 10, kernels_check --only score-pass).
+_WHOLE_ROW_FINISH_MAX_REGISTERS = 128
 
 
 @functools.lru_cache(maxsize=None)
@@ -499,6 +500,7 @@ class _Tiles:
     score_m: int  # score-pass query-tile rows
     items_per_sm: int  # what the split sizing aims at
     max_registers: int  # per thread of the attention kernel, on CUDA, if not decode tiles (0: uncapped)
+    finish_max_registers: int = 0  # the same for the finish kernel
 
 
 def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int, big_blocks: bool,
@@ -535,7 +537,7 @@ def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int, big_bloc
     small = _pow2(group, 16)
     score_m = max(min(64, _pow2(group * (verify_len or 16))), small)
     if verification_only and 64 < d_pad <= 128:
-        return _Tiles(max(64, small), 64, score_m, items_per_sm, _WHOLE_ROW_MAX_REGISTERS)
+        return _Tiles(max(64, small), 64, score_m, items_per_sm, _WHOLE_ROW_MAX_REGISTERS, _WHOLE_ROW_FINISH_MAX_REGISTERS)
     if num_tokens > 2 * num_rows:
         block_m = 128 if d_pad <= 128 else 64
     else:
@@ -600,7 +602,7 @@ def paged_attention(
     q = _last_dim_contiguous(query[0])  # (Hq, T, D)
     d_pad = _pow2(head_dim, 16)
     tiles = _tile_shape(num_tokens, num_rows, group, d_pad, _hopper_shared_memory(query.device), ctx.verification_only,
-                        ctx.verify_len)
+                        verify_len=ctx.verify_len)
     block_m = max(block_m or tiles.block_m, _pow2(group, 16))
     block_n = block_n or tiles.block_n
     qpt = block_m // group
@@ -658,7 +660,10 @@ def paged_attention(
         else:
             max_registers = tiles.max_registers if block_m == tiles.block_m else 0
     if finish_max_registers is None:
-        finish_max_registers = _FINISH_MAX_REGISTERS if decode_tiles or ctx.verification_only else 0
+        if decode_tiles:
+            finish_max_registers = _FINISH_MAX_REGISTERS
+        else:
+            finish_max_registers = tiles.finish_max_registers if block_m == tiles.block_m else 0
     on_gpu = query.device.type == "cuda"  # the interpreter takes no register cap
     _attention_kernel[grid](
         q, k_pool, v_pool, out, lse, part_o, part_lse, blse, *rows, block_tables, selection,
