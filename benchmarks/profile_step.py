@@ -124,5 +124,6 @@ def profile_kind(model, ids, args, options: dict, kind: str | None, tag: str) ->
             print(f"{r['us_per_step']:9.1f} us {100 * r['share']:5.1f}% x{r['calls'] / state['seen']:6.1f}  {r['name']}")
         return
 
+
 if __name__ == "__main__":
     main()
