@@ -599,6 +599,36 @@ def score_pass(results: dict) -> None:
     unified = qwen = cases = None
 
 
+def draft_splits(results: dict) -> None:
+    """How draft rows' KV is cut into work items (``--only draft-splits``). A draft row reads ~5% of
+    its context: at the Qwen3-8B shape (64 rows x 8k, 8 KV heads) the split sizing gives each row two
+    items of two 128-position blocks, and the finish kernel then merges their partials, a launch of
+    its own per layer. One split per row needs no merge; fewer, longer items keep more loads in
+    flight per program; more items fill the GPU's programs. Outputs are checked against the default's."""
+    bf = torch.bfloat16
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    variants = [
+        ("default", {}), ("one split", dict(split_tokens=1 << 20)), ("2 items/SM", dict(target_items=2 * sms)),
+        ("16 items/SM", dict(target_items=16 * sms)), ("block_n=64", dict(block_n=64)), ("3 stages", dict(num_stages=3)),
+        ("2 warps", dict(num_warps=2)), ("one split, 3 stages", dict(split_tokens=1 << 20, num_stages=3)),
+    ]
+    cases = [
+        ("draft b64 8k qwen-shape", lambda: build("qwen3-8b", bf, 16, decode_rows(["draft"] * 64, [8192] * 64), graph_like=True, tokens=64)),
+        ("draft b128 16k bench-shape", lambda: build("bench", bf, 16, decode_rows(["draft"] * 128, [16384] * 128), graph_like=True, tokens=128)),
+        ("unified b128 16k bench-shape scores", lambda: build("bench", bf, 16, decode_rows(["verify"] * 14 + ["draft"] * 114, [16384] * 128),
+                                                             graph_like=True, tokens=256)),
+    ]
+    for label, make in cases:
+        time_variants(results, label, make(), variants)
+    # Verification-only steps (whole-row tiles) at the Qwen3-8B shape: the same knobs.
+    qwen = build("qwen3-8b", bf, 16, decode_rows(["verify"] * 64, [8192] * 64), graph_like=True, tokens=576)
+    qwen = replace(qwen, ctx=replace(qwen.ctx, verification_only=True))
+    time_variants(results, "lockstep verify b64 8k qwen-shape scores", qwen, [
+        ("default", {}), ("one split", dict(split_tokens=1 << 20)), ("16 items/SM", dict(target_items=16 * sms)),
+        ("3 stages", dict(num_stages=3)), ("block_n=32", dict(block_n=32)),
+    ])
+
+
 def time_variants(results: dict, label: str, batch: Batch, variants: list[tuple[str, dict]]) -> None:
     """Time each (name, overrides) variant on ``batch``, its outputs (and scores) checked against the default's."""
     want, want_scores = (t.clone() if t is not None else None for t in run_attention(batch))
@@ -716,7 +746,8 @@ def main() -> None:
     global OUT_FILE, TIME_BUDGET_S
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--only", choices=["verify-sweep", "tuning", "bench-tiles", "lockstep-tiles", "selection", "score-pass"],
+    parser.add_argument("--only", choices=["verify-sweep", "tuning", "bench-tiles", "lockstep-tiles", "selection", "score-pass",
+                                                 "draft-splits"],
                         help="run one section instead of the whole check")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -738,6 +769,9 @@ def main() -> None:
     elif args.only == "score-pass":
         sections = [score_pass]
         TIME_BUDGET_S = 200  # 13 variants
+    elif args.only == "draft-splits":
+        sections = [draft_splits]
+        TIME_BUDGET_S = 220  # 29 variants
     elif args.only == "tuning":
         sections = [tuning_sweep]
         TIME_BUDGET_S = 150  # 18 variants

@@ -1,11 +1,12 @@
 """Where a decode iteration's device time goes: a kernel table of decode steps only.
 
     PYTHONPATH=. python3 benchmarks/profile_step.py --out $OUT --batch 128 --context 16384
-    PYTHONPATH=. python3 benchmarks/profile_step.py --out $OUT --qwen8b --batch 32 --context 8192 --new-tokens 32 --steps 18
+    PYTHONPATH=. python3 benchmarks/profile_step.py --out $OUT --qwen8b --batch 32 --context 8192 --new-tokens 72 --kind verify,draft --steps 4 --skip 10
 
 One generate call captures the graphs; a second runs under ``torch.profiler``, switched on for
-each of the first ``--steps`` iterations without prompt rows (only those whose rows are of
-``--kind``, e.g. ``verify``, if given), so prefill kernels stay out of the table. Kernels
+each of the first ``--steps`` iterations without prompt rows (after ``--skip`` such iterations;
+per kind of ``--kind``, e.g. ``verify,draft``, if given: one table each), so prefill kernels stay
+out of the tables. Kernels
 replayed inside CUDA graphs are traced by CUPTI like launched ones; if a
 run shows none (older drivers), the script profiles again with ``use_cuda_graphs=False``.
 """
@@ -26,25 +27,32 @@ from hf_sparsespec.generation.request import RowKind
 from benchmarks.throughput import BENCH_MODEL, prompts_for, random_qwen3_8b
 
 
-def profiled_generate(model, ids, new_tokens: int, steps: int, extra: dict, kind: str | None) -> tuple[profile, dict]:
-    """Profile up to ``steps`` decode iterations (of rows ``kind``, e.g. "verify" or "draft+verify",
-    if given), each on its own: synchronised before and after, so the table holds their kernels alone."""
-    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], acc_events=True)
+def profiled_generate(model, ids, new_tokens: int, steps: int, skip: int, extra: dict,
+                      kinds: list[str | None]) -> dict[str | None, tuple[profile, int]]:
+    """Profile up to ``steps`` decode iterations of each of ``kinds`` (a row-kind set such as
+    "verify" or "draft+verify"; None: any), after letting the first ``skip`` decode iterations pass,
+    each on its own: synchronised before and after, so a table holds its iterations' kernels alone.
+    One profiler per kind, so one generate call serves every table."""
+    profilers = {kind: profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], acc_events=True) for kind in kinds}
+    seen = dict.fromkeys(kinds, 0)
+    passed = 0
     original = engine_module.Engine._launch
-    state = {"seen": 0, "kinds": {}}
 
     def launch(engine, rows):
-        kinds = "+".join(sorted({row.kind.value for row in rows}))
-        decoding = not any(row.kind is RowKind.PREFILL for row in rows)
-        if not decoding or state["seen"] >= steps or (kind is not None and kinds != kind):
+        nonlocal passed
+        if any(row.kind is RowKind.PREFILL for row in rows):
             return original(engine, rows)
-        state["seen"] += 1
-        state["kinds"][kinds] = state["kinds"].get(kinds, 0) + 1
+        passed += 1
+        kinds_here = "+".join(sorted({row.kind.value for row in rows}))
+        kind = kinds_here if kinds_here in seen else None
+        if passed <= skip or kind not in seen or seen[kind] >= steps:
+            return original(engine, rows)
+        seen[kind] += 1
         torch.cuda.synchronize()
-        prof.start()
+        profilers[kind].start()
         out = original(engine, rows)
         torch.cuda.synchronize()
-        prof.stop()
+        profilers[kind].stop()
         return out
 
     engine_module.Engine._launch = launch
@@ -52,7 +60,7 @@ def profiled_generate(model, ids, new_tokens: int, steps: int, extra: dict, kind
         generate(model, ids, new_tokens, extra)
     finally:
         engine_module.Engine._launch = original
-    return prof, state
+    return {kind: (profilers[kind], seen[kind]) for kind in kinds}
 
 
 def generate(model, ids, new_tokens: int, extra: dict):
@@ -71,7 +79,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--context", type=int, default=16384)
     p.add_argument("--new-tokens", type=int, default=160)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=60, help="iterations profiled per kind")
+    p.add_argument("--skip", type=int, default=0,
+                   help="decode iterations to let pass first, e.g. a lockstep batch's first round, whose drafts "
+                   "(before any verification) are full rows")
     p.add_argument("--speculate", type=int, default=1)
     p.add_argument("--kind", help='profile only iterations whose rows are of this kind: "draft", "verify", "draft+verify"; '
                    'several, comma-separated, make one table each')
@@ -93,36 +104,36 @@ def main() -> None:
         ids = prompts_for(tok, args.batch, args.context - args.new_tokens, seed=args.batch).cuda()
     model_tag = "qwen8b_" if args.qwen8b else ""
     selection_tag = f"_{args.selection}" if args.selection else ""
-    # One process for every kind asked for: the model loads and the graphs are captured once.
-    for kind in args.kind.split(",") if args.kind else [None]:
-        kind_tag = f"_{kind.replace('+', '_')}" if kind else ""
-        tag = f"{model_tag}b{args.batch}_{args.context}_{'sparsespec' if args.speculate else 'nospec'}{selection_tag}{kind_tag}"
-        profile_kind(model, ids, args, options, kind, tag)
-
-
-def profile_kind(model, ids, args, options: dict, kind: str | None, tag: str) -> None:
-    """Write and print the kernel table of ``kind``'s decode iterations (graphs, else eager)."""
+    kinds = args.kind.split(",") if args.kind else [None]
+    tags = {kind: f"{model_tag}b{args.batch}_{args.context}_{'sparsespec' if args.speculate else 'nospec'}{selection_tag}"
+                  + (f"_{kind.replace('+', '_')}" if kind else "") for kind in kinds}
     for extra in (options, dict(options, use_cuda_graphs=False)):
         generate(model, ids, args.new_tokens, extra)  # Triton compiles and graph captures
-        prof, state = profiled_generate(model, ids, args.new_tokens, args.steps, extra, kind)
-        if state["seen"] == 0:
-            print(f"{tag}: no decode iteration of kind {kind!r}", flush=True)
+        profiles = profiled_generate(model, ids, args.new_tokens, args.steps, args.skip, extra, kinds)
+        if all(write_table(prof, seen, tags[kind], kind, extra, args.out) for kind, (prof, seen) in profiles.items()):
             return
-        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA or e.self_device_time_total > 0]
-        kernels = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)
-        total_us = sum(e.self_device_time_total for e in kernels)
-        if total_us == 0:
-            print(f"{tag}: no kernels traced with {extra}; trying the next setting", flush=True)
-            continue
-        rows = [{"name": e.key[:90], "calls": e.count, "us_per_step": e.self_device_time_total / state["seen"],
-                 "share": e.self_device_time_total / total_us} for e in kernels[:45]]
-        report = {"setting": extra, "steps": state["seen"], "step_kinds": state["kinds"],
-                  "device_us_per_step": total_us / state["seen"], "kernels": rows}
-        (args.out / f"profile_{tag}.json").write_text(json.dumps(report, indent=1))
-        print(f"{tag} {extra}: {state['seen']} steps {state['kinds']}, {total_us / state['seen']:.0f} us of kernels per step")
-        for r in rows:
-            print(f"{r['us_per_step']:9.1f} us {100 * r['share']:5.1f}% x{r['calls'] / state['seen']:6.1f}  {r['name']}")
-        return
+
+
+def write_table(prof: profile, seen: int, tag: str, kind: str | None, extra: dict, out: Path) -> bool:
+    """Write and print one kind's kernel table; False if the profile traced no kernels (then the
+    caller tries again without graphs)."""
+    if seen == 0:
+        print(f"{tag}: no decode iteration of kind {kind!r}", flush=True)
+        return True
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA or e.self_device_time_total > 0]
+    kernels = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)
+    total_us = sum(e.self_device_time_total for e in kernels)
+    if total_us == 0:
+        print(f"{tag}: no kernels traced with {extra}; trying the next setting", flush=True)
+        return False
+    rows = [{"name": e.key[:90], "calls": e.count, "us_per_step": e.self_device_time_total / seen,
+             "share": e.self_device_time_total / total_us} for e in kernels[:45]]
+    report = {"setting": extra, "steps": seen, "device_us_per_step": total_us / seen, "kernels": rows}
+    (out / f"profile_{tag}.json").write_text(json.dumps(report, indent=1))
+    print(f"{tag} {extra}: {seen} steps, {total_us / seen:.0f} us of kernels per step")
+    for r in rows:
+        print(f"{r['us_per_step']:9.1f} us {100 * r['share']:5.1f}% x{r['calls'] / seen:6.1f}  {r['name']}")
+    return True
 
 
 if __name__ == "__main__":
