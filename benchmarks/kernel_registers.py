@@ -24,7 +24,7 @@ REGISTERS_PER_SM = 65536
 THREADS_PER_SM = 2048
 SHARED_PER_SM = 228 * 1024  # sm_90; each resident program also takes 1 KiB reserved by the driver
 
-DECODE = dict(PAGE=16, WRITE_LSE=True, SCORE_COLS=16, DOT_PRECISION="tf32")
+DECODE = dict(PAGE=16, WRITE_LSE=True, SCORE_COLS=16, DOT_PRECISION="tf32", PREFETCH=True)
 FINISH = dict(PAGE=16, MERGE_GROUP=4, SCORE_M=64, SCORE_Q=16, WRITE_SCORES=True, DOT_PRECISION="tf32")
 # name: (kernel, constexprs, warps[, register cap per thread: paged_attention's max_registers])
 CONFIGS = {

@@ -56,6 +56,14 @@ CASES = {
     # A score tile sized for 2-query verifications (16 rows: 5 queries x 3 heads) over longer rows: the
     # score pass then takes several query tiles per row, each adding to what the last one stored.
     "page16_g3_d32_score_tiles_short_verify_len": (16, 2, 3, 32, "float32", dict(verify_len=2)),
+    # A step of sparse drafts only: rows unsplit (one program per row and KV head), no merge launch;
+    # over 16-position blocks, so the selected stretch's positions are looked up a block ahead.
+    "graph_like_page16_g3_d32_draft_only_unsplit": (16, 2, 3, 32, "float32", dict(graph_like=True, draft_only=True, block_n=16)),
+    # The selected stretch without the look-ahead (benchmark A/B knob).
+    "page16_g3_d32_no_index_prefetch": (16, 2, 3, 32, "float32", dict(block_n=16, index_prefetch=False)),
+    # Whole-row verification tiles of a batch whose rows fill the GPU by themselves: unsplit, scores by
+    # the finish kernel alone.
+    "page16_g4_d128_whole_row_tiles_unsplit": (16, 1, 4, 128, "float32", dict(verification_only=True, verify_len=2)),
 }
 # bfloat16 attention is checked only on the GPU (benchmarks/kernels_check.py): Triton 3.9's interpreter
 # computes tl.dot on bfloat16 operands wrongly (a lone 16x16 product is off by orders of magnitude).
@@ -70,9 +78,10 @@ WRITE_KV_CASES = {
 
 
 # ---- the child process ---------------------------------------------------------------------------
-def _rows_spec(rng):
-    """(kind, q_len, kv_len, tail_start, sel_count, wants_scores) of a mixed batch."""
-    return [
+def _rows_spec(rng, drafts_only=False):
+    """(kind, q_len, kv_len, tail_start, sel_count, wants_scores) of a mixed batch, or of its sparse
+    draft rows alone."""
+    rows = [
         ("full", 7, 7, 0, 0, False),  # first prefill chunk
         ("draft", 1, 45, 38, 6, False),  # selection plus a tail of 7
         ("full", 5, 30, 0, 0, False),  # later prefill chunk
@@ -87,9 +96,10 @@ def _rows_spec(rng):
         ("full", 1, 90, 0, 0, False),  # a long decode row: splits
         ("draft", 1, 120, 100, 30, False),  # a long draft: splits over selection and tail
     ]
+    return [r for r in rows if r[0] == "draft" and r[4] > 0] if drafts_only else rows
 
 
-def build_batch(page_size, kv_heads, group, head_dim, dtype, layers=2, layer=1, seed=0, graph_like=False):
+def build_batch(page_size, kv_heads, group, head_dim, dtype, layers=2, layer=1, seed=0, graph_like=False, drafts_only=False):
     """A random packed batch: (query, k_pool, v_pool, ctx)."""
     import numpy as np
     import torch
@@ -98,7 +108,7 @@ def build_batch(page_size, kv_heads, group, head_dim, dtype, layers=2, layer=1, 
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    spec = _rows_spec(rng)
+    spec = _rows_spec(rng, drafts_only)
     num_rows = len(spec)
     max_kv = max(r[2] for r in spec)
     pages_per_row = -(-max_kv // page_size)
@@ -181,10 +191,12 @@ def _check_attention(case):
     graph_like = overrides.pop("graph_like", False)
     dtype = getattr(torch, dtype_name)
     layer = 1
-    query, k_pool, v_pool, ctx = build_batch(page_size, kv_heads, group, head_dim, dtype, layer=layer, graph_like=graph_like)
+    draft_only = overrides.pop("draft_only", False)
+    query, k_pool, v_pool, ctx = build_batch(page_size, kv_heads, group, head_dim, dtype, layer=layer, graph_like=graph_like,
+                                             drafts_only=draft_only)
     ctx = dataclasses.replace(ctx, score_block=overrides.pop("score_block", 1),
                               verification_only=overrides.pop("verification_only", False),
-                              verify_len=overrides.pop("verify_len", 0))
+                              verify_len=overrides.pop("verify_len", 0), draft_only=draft_only)
     scale = head_dim**-0.5
     ref_ctx = dataclasses.replace(ctx, scores=ctx.scores.clone(), use_triton=False)
     # The reference on upcast inputs: the kernels accumulate in fp32 as well.
@@ -197,7 +209,12 @@ def _check_attention(case):
     out_err = (got[0, real].float() - expected[0, real]).abs().max().item()
     written = ~torch.isnan(ctx.scores)
     same_cells = torch.equal(written, ~torch.isnan(ref_ctx.scores))
-    score_err = (ctx.scores[written] - ref_ctx.scores[written]).abs().max().item() if same_cells else float("inf")
+    if not same_cells:
+        score_err = float("inf")
+    elif bool(written.any()):
+        score_err = (ctx.scores[written] - ref_ctx.scores[written]).abs().max().item()
+    else:
+        score_err = 0.0
     return {
         "out_err": out_err,
         "out_tol": tol * 4,
@@ -406,17 +423,17 @@ def _check_fused_norms(_case):
 # specialises head-dim multiples, so this is the vectorised code path the GPU gets.
 SM90_KERNELS = {
     "attention_decode": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=128, WRITE_LSE=True, SCORE_BLOCK=0,
-                                                   SCORE_COLS=16, DOT_PRECISION="tf32"), 4),
+                                                   SCORE_COLS=16, DOT_PRECISION="tf32", PREFETCH=True), 4),
     "attention_decode_block_scores": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=128, WRITE_LSE=True,
-                                                                SCORE_BLOCK=16, SCORE_COLS=16, DOT_PRECISION="tf32"), 4),
+                                                                SCORE_BLOCK=16, SCORE_COLS=16, DOT_PRECISION="tf32", PREFETCH=True), 4),
     # The register caps paged_attention puts on 16-row tiles: more resident programs, a few spills.
     "attention_decode_96_registers": ("_attention_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=128, WRITE_LSE=True,
-                                                                SCORE_BLOCK=0, SCORE_COLS=16, DOT_PRECISION="tf32"), 4, 2, 96),
+                                                                SCORE_BLOCK=0, SCORE_COLS=16, DOT_PRECISION="tf32", PREFETCH=True), 4, 2, 96),
     # A verification-only step's whole-row tiles, capped as paged_attention caps them.
     "attention_whole_row_block_scores": ("_attention_kernel", dict(BLOCK_M=64, QPT=16, PAGE=16, BLOCK_N=64, WRITE_LSE=True,
-                                                                   SCORE_BLOCK=16, SCORE_COLS=16, DOT_PRECISION="tf32"), 8, 2, 128),
+                                                                   SCORE_BLOCK=16, SCORE_COLS=16, DOT_PRECISION="tf32", PREFETCH=True), 8, 2, 128),
     "attention_prefill": ("_attention_kernel", dict(BLOCK_M=128, QPT=32, PAGE=1, BLOCK_N=64, WRITE_LSE=False, SCORE_BLOCK=0,
-                                                    SCORE_COLS=16, DOT_PRECISION="tf32"), 8),
+                                                    SCORE_COLS=16, DOT_PRECISION="tf32", PREFETCH=True), 8),
     "finish": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=128, MERGE_GROUP=4, SCORE_M=64, SCORE_Q=16,
                                       WRITE_SCORES=True, SCORE_BLOCK=0, DOT_PRECISION="tf32"), 4),
     "finish_168_registers": ("_finish_kernel", dict(BLOCK_M=16, QPT=4, PAGE=16, BLOCK_N=128, MERGE_GROUP=4, SCORE_M=64, SCORE_Q=16,
@@ -500,7 +517,8 @@ def test_paged_attention_matches_reference(results, case):
     assert r["out_finite"], "an output of a real row is missing or not finite"
     assert r["out_err"] <= r["out_tol"], r
     assert r["scores_same_cells"], "scores written where the reference writes none, or missing"
-    assert r["scores_written"] > 0
+    # A draft-only batch holds no verification row: nothing may be written.
+    assert (r["scores_written"] > 0) != bool(CASES[case][5].get("draft_only")), r
     assert r["score_err"] <= r["score_tol"], r
 
 
@@ -570,6 +588,24 @@ def test_decode_tiles_take_large_kv_blocks_only_with_hopper_shared_memory(head_d
     assert triton_kernels._tile_shape(**decode, big_blocks=False).block_n == 64
     prefill = dict(num_tokens=4096, num_rows=2, group=4, d_pad=head_dim)
     assert triton_kernels._tile_shape(**prefill, big_blocks=True).block_n == 64
+
+
+def test_only_uniform_steps_whose_rows_fill_the_gpu_go_unsplit():
+    import types
+
+    import torch
+
+    triton_kernels = pytest.importorskip("hf_sparsespec.attention.triton_kernels")
+    cpu = torch.device("cpu")  # 4 programs stand for the SMs
+    ctx = lambda **flags: types.SimpleNamespace(**{"draft_only": False, "verification_only": False, "verify_len": 9, **flags})  # noqa: E731
+    fills = triton_kernels._rows_fill_gpu
+    assert fills(ctx(draft_only=True), num_tokens=2, num_kv_heads=2, d_pad=64, device=cpu)
+    assert not fills(ctx(draft_only=True), num_tokens=1, num_kv_heads=2, d_pad=64, device=cpu)
+    assert not fills(ctx(), num_tokens=1024, num_kv_heads=8, d_pad=128, device=cpu)  # mixed steps keep their splits
+    # Whole-row verification tiles: rows are tokens / verify_len, and only past 64 dims.
+    assert fills(ctx(verification_only=True), num_tokens=18, num_kv_heads=8, d_pad=128, device=cpu)
+    assert not fills(ctx(verification_only=True), num_tokens=9, num_kv_heads=8, d_pad=128, device=cpu)
+    assert not fills(ctx(verification_only=True), num_tokens=576, num_kv_heads=8, d_pad=64, device=cpu)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

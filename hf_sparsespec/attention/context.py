@@ -55,6 +55,9 @@ class StepContext:
     # Every row is a verification of drafts (known on the host; part of a CUDA graph's key), so the
     # kernels may size query tiles to hold a whole row instead of a decode step's one token.
     verification_only: bool = False
+    # Every row is a draft with a selection (known on the host; part of a CUDA graph's key): each
+    # row reads a few hundred positions, so the kernels may give it one program per KV head.
+    draft_only: bool = False
     # Queries of a verification row (draft_len + 1; 0: unknown), known on the host: sizes the score
     # pass's query tile to hold one whole row.
     verify_len: int = 0

@@ -196,7 +196,7 @@ def _attend(
     blse_rows, blse_ok,
     D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     SELECTED: tl.constexpr, MASKED: tl.constexpr, SCORE_BLOCK: tl.constexpr, SCORE_COLS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Online softmax over virtual KV indices [start, end): selected positions or the tail.
     Unmasked calls get whole blocks of the tail that every query of the tile sees, so they skip
@@ -209,15 +209,25 @@ def _attend(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < D
+    if SELECTED and PREFETCH:
+        # A selected block's K/V addresses are two dependent loads away (its positions, then their
+        # pages). Loaded a block ahead, that chain's latency overlaps the current block's K/V loads.
+        next_ok = start + offs_n < end
+        next_pos = tl.load(sel_row + start + offs_n, mask=next_ok, other=0)
+        next_page = tl.load(bt_row + next_pos // PAGE, mask=next_ok, other=0)
     for blk in range(start, end, BLOCK_N):
         j = blk + offs_n
         if MASKED:
             j_ok = j < end
-            if SELECTED:
+            if SELECTED and PREFETCH:
+                pos = next_pos
+                page = next_page
+            elif SELECTED:
                 pos = tl.load(sel_row + j, mask=j_ok, other=0)
+                page = tl.load(bt_row + pos // PAGE, mask=j_ok, other=0)
             else:
                 pos = tail + j - cnt
-            page = tl.load(bt_row + pos // PAGE, mask=j_ok, other=0)
+                page = tl.load(bt_row + pos // PAGE, mask=j_ok, other=0)
             kv_mask = j_ok[:, None] & d_ok[None, :]
         else:
             pos = tail + j - cnt
@@ -227,6 +237,10 @@ def _attend(
         # Masked lanes read as zero so stale or NaN pool memory never reaches the dots.
         k = tl.load(k_base + kv_slot[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + kv_slot[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        if SELECTED and PREFETCH:
+            next_ok = j + BLOCK_N < end
+            next_pos = tl.load(sel_row + j + BLOCK_N, mask=next_ok, other=0)
+            next_page = tl.load(bt_row + next_pos // PAGE, mask=next_ok, other=0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             s = tl.where(j_ok[None, :] & (pos[None, :] <= qpos[:, None]), s, float("-inf"))
@@ -265,6 +279,7 @@ def _attention_kernel(
     G: tl.constexpr, HKV: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, QPT: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, SPLIT_COST: tl.constexpr,
     WRITE_LSE: tl.constexpr, SCORE_BLOCK: tl.constexpr, SCORE_COLS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     item, row, h, tile, split, n, kv, tail, cnt, chunk, splits, part_start = _item(
         q_len_ptr, kv_len_ptr, is_draft_ptr, tail_ptr, sel_slot_ptr, sel_count_ptr,
@@ -306,13 +321,13 @@ def _attention_kernel(
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, lo, sel_end, k_base, v_base, stride_ks, stride_vs, bt_row, sel_row,
                             cnt, tail, qk_scale, blse_rows, blse_ok, D, D_PAD, PAGE, BLOCK_N, True, True, 0, SCORE_COLS,
-                            DOT_PRECISION)
+                            DOT_PRECISION, PREFETCH)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, free_lo, free_hi, k_base, v_base, stride_ks, stride_vs, bt_row, sel_row,
                             cnt, tail, qk_scale, blse_rows, blse_ok, D, D_PAD, PAGE, BLOCK_N, False, False, SCORE_BLOCK,
-                            SCORE_COLS, DOT_PRECISION)
+                            SCORE_COLS, DOT_PRECISION, PREFETCH)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, qpos, free_hi, hi, k_base, v_base, stride_ks, stride_vs, bt_row, sel_row,
                             cnt, tail, qk_scale, blse_rows, blse_ok, D, D_PAD, PAGE, BLOCK_N, False, True, SCORE_BLOCK,
-                            SCORE_COLS, DOT_PRECISION)
+                            SCORE_COLS, DOT_PRECISION, PREFETCH)
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse = m_i + tl.log2(l_i)  # base-2, in units of qk_scale; -inf where nothing was visible
@@ -549,6 +564,30 @@ def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int, big_bloc
     return _Tiles(max(block_m, small), block_n, score_m, items_per_sm, 0)
 
 
+def _rows_fill_gpu(ctx: StepContext, num_tokens: int, num_kv_heads: int, d_pad: int, device: torch.device) -> bool:
+    """Whether a step's rows, one program per (row, KV head) each, fill the GPU by themselves, so
+    that splitting them only adds partials and their merge.
+
+    Sparse drafts read a few hundred positions each: cut by the work-based sizing into items of two
+    128-position blocks, a Qwen3-8B-shape draft step (64 rows x 8k) took 107 us of attention per
+    layer, unsplit 76, the finish kernel's merge launch then being skipped altogether; bench-code-lm
+    heads at 128 x 16k 49 -> 40 (H200, session 11). Whole-row verification tiles (lockstep rounds,
+    heads of 64-128 dims) at 64 rows x 8k, 8 KV heads: 1,217 -> 1,135 us per layer with scores.
+    Graph buckets pad rows to one per token, so the count of real rows comes from the tokens.
+    """
+    programs = _num_sms(device)
+    if ctx.draft_only:
+        return num_tokens * num_kv_heads >= programs
+    if ctx.verification_only and 64 < d_pad <= 128 and ctx.verify_len:
+        # Measured at 512 items on 132 SMs; smaller batches keep their splits.
+        return num_tokens // ctx.verify_len * num_kv_heads >= 3 * programs
+    return False
+
+
+# A split size no row reaches: every row one item per KV head.
+_UNSPLIT = 1 << 30
+
+
 def paged_attention(
     query: torch.Tensor,
     k_pool: torch.Tensor,
@@ -568,6 +607,7 @@ def paged_attention(
     score_m: int | None = None,
     finish_warps: int | None = None,
     finish_stages: int | None = None,
+    index_prefetch: bool = True,
 ) -> torch.Tensor:
     """PillarAttn over the paged pool for a packed batch of full and draft rows; (1, T, Hq, D).
 
@@ -582,11 +622,12 @@ def paged_attention(
         layer: index into ``ctx.selection`` and ``ctx.scores``.
         scale: softmax scale applied to Q K^T.
         block_m, block_n, target_items, split_tokens, num_stages, num_warps, max_registers,
-            finish_max_registers, score_m, finish_warps, finish_stages: tuning overrides for
-            benchmarks and tests (query-tile rows, KV block, items the split sizing aims at, a fixed
+            finish_max_registers, score_m, finish_warps, finish_stages, index_prefetch: tuning overrides
+            for benchmarks and tests (query-tile rows, KV block, items the split sizing aims at, a fixed
             number of KV positions per split, the attention kernel's pipeline stages, warps and
             registers per thread, and the finish kernel's registers per thread, score-pass tile rows,
-            warps and pipeline stages; register caps apply on CUDA only, 0 lifts the default one);
+            warps and pipeline stages, and whether selected positions are looked up a block ahead;
+            register caps apply on CUDA only, 0 lifts the default one);
             by default chosen from the shapes and, for the split size, from the step's work on the
             device.
     """
@@ -615,6 +656,8 @@ def paged_attention(
     # tokens has ceil(n / qpt) tiles, so all rows have at most max_tiles.
     max_tiles = min(num_tokens, num_tokens // qpt + num_rows)
     part_bytes = block_m * (d_pad + 1) * 4
+    if split_tokens is None and _rows_fill_gpu(ctx, num_tokens, num_kv_heads, d_pad, query.device):
+        split_tokens = _UNSPLIT
     if split_tokens:
         per_row = triton.cdiv(ctx.max_kv_len + sel_width, split_tokens)
         target, max_units, max_split_units = 1, max_tiles * per_row, max_tiles * per_row
@@ -625,7 +668,7 @@ def paged_attention(
         # row's splits number at most twice its work / chunk.
         max_units, max_split_units = max_tiles + target, 2 * target
     may_split = (split_tokens or block_n) < ctx.max_kv_len + sel_width
-    write_scores = ctx.scores is not None
+    write_scores = ctx.scores is not None and not ctx.draft_only  # drafts write none: no launch for them
     grid = (num_kv_heads * max_units,)
 
     dot_precision = "ieee" if query.dtype == torch.float32 else "tf32"
@@ -670,7 +713,7 @@ def paged_attention(
         *plan, num_score_blocks, qk_scale,
         q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         out.stride(1), out.stride(2), block_tables.stride(0), selection.stride(0), selection.stride(1),
-        **shared, WRITE_LSE=write_scores, SCORE_BLOCK=score_block,
+        **shared, WRITE_LSE=write_scores, SCORE_BLOCK=score_block, PREFETCH=index_prefetch,
         SCORE_COLS=max(16, block_n // score_block) if score_block else 16, num_warps=warps, num_stages=num_stages or 2,
         # Fewer registers, more resident programs (benchmarks/kernel_registers.py); ptxas spills past the cap.
         **({"maxnreg": max_registers} if max_registers and on_gpu else {}),

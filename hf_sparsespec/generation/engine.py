@@ -234,9 +234,9 @@ class Engine:
             num_verify = len(step.post["v_slot"])
             verify = min(bucket(num_verify, at_least=1), self.num_slots) if num_verify else 0
             sizes = {name: verify if name.startswith("v_") else tokens for name in arrays}
+            uniform = dict(verification_only=step.verification_only, draft_only=step.draft_only)
             results, scores, logits = self.graphs.run(
-                arrays, sizes, functools.partial(self._device_step_captured, verification_only=step.verification_only),
-                variant=step.verification_only,
+                arrays, sizes, functools.partial(self._device_step_captured, **uniform), variant=tuple(uniform.values()),
             )
             num_singles = tokens
         else:
@@ -247,7 +247,7 @@ class Engine:
                 shape = (num_verify, self.cache.num_layers, self.cache.num_kv_heads, step.max_kv_len)
                 attn_scores = torch.zeros(shape, dtype=torch.float32, device=self.cache.device)
             results, scores, logits = self._device_step(views, attn_scores, step.max_kv_len, step.fresh_prefill_rows,
-                                                        step.verification_only)
+                                                        step.verification_only, step.draft_only)
         self.stats.num_forward_passes += 1
         described = self._describe(rows, step, captured) if self.runner.nonfinite is not None else ""
 
@@ -285,8 +285,9 @@ class Engine:
         return (f"forward pass {self.stats.num_forward_passes} ({step.num_tokens} tokens, max kv {step.max_kv_len}, "
                 f"captured graph: {captured}). Rows: {listed}")
 
-    def _device_step_captured(self, views: dict[str, torch.Tensor], verification_only: bool):
-        return self._device_step(views, self.graph_scores, self.max_kv, verification_only=verification_only)
+    def _device_step_captured(self, views: dict[str, torch.Tensor], verification_only: bool, draft_only: bool):
+        return self._device_step(views, self.graph_scores, self.max_kv, verification_only=verification_only,
+                                 draft_only=draft_only)
 
     def _device_step(
         self,
@@ -295,13 +296,14 @@ class Engine:
         max_kv: int,
         fresh_prefill_rows: list[tuple[int, int]] | None = None,
         verification_only: bool = False,
+        draft_only: bool = False,
     ):
         """Everything an iteration does on the device; shapes come from the inputs alone, so this
         also runs under CUDA-graph capture. Returns ([n, k + 2] results, processed scores, logits)."""
         k = self.config.draft_len
         if self.runner.nonfinite is not None:
             self.runner.nonfinite.zero_()
-        logits = self.runner.forward(v, attn_scores, max_kv, fresh_prefill_rows, verification_only)
+        logits = self.runner.forward(v, attn_scores, max_kv, fresh_prefill_rows, verification_only, draft_only)
         scores = self.plan.apply(logits, self._position_state(v))
         parts = []
         if v["single_pos"].shape[0]:

@@ -92,6 +92,7 @@ class ModelRunner:
         max_kv: int,
         fresh_prefill_rows: list[tuple[int, int]] | None = None,
         verification_only: bool = False,
+        draft_only: bool = False,
     ) -> torch.Tensor:
         """float32 logits [len(logits_index), vocab]; verification rows write PillarAttn ``scores``."""
         gather = views["gather"]
@@ -121,6 +122,7 @@ class ModelRunner:
             selection_mass=self.selection_mass,
             fresh_prefill_rows=fresh_prefill_rows,
             verification_only=verification_only,
+            draft_only=draft_only,
             verify_len=self.round_tokens.shape[1],
             nonfinite=self.nonfinite,
         )

@@ -50,6 +50,7 @@ class HostStep:
     commit_lengths: np.ndarray
     fresh_prefill_rows: list[tuple[int, int]] | None  # (first token, length) when every row starts a prompt
     verification_only: bool  # every row verifies drafts (a lockstep round): query tiles may hold whole rows
+    draft_only: bool  # every row is a sparse draft: attention need not split rows across programs
 
     def commit_positions(self) -> list[np.ndarray]:
         """Logits rows of each committed row's tokens, in ``commit_rows`` order. Built on demand: only ``output_scores`` / ``output_logits`` need them, and per
@@ -170,4 +171,5 @@ def build_step(
         # A verification row commits up to all its tokens; an end of prefill one token.
         commit_lengths=np.where(kind[committing] == VERIFY, n[committing], 1),
         verification_only=bool(is_verify.all() and (round_len > 0).all()),
+        draft_only=bool(((kind == DRAFT) & (has_sel > 0)).all()),
     )
