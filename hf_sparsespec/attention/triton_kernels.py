@@ -586,6 +586,10 @@ def _rows_fill_gpu(ctx: StepContext, num_tokens: int, num_kv_heads: int, d_pad: 
 
 # A split size no row reaches: every row one item per KV head.
 _UNSPLIT = 1 << 30
+# Heads up to this size look selected positions up a block ahead (``_attend``): draft-only steps of
+# bench-code-lm heads at 128 x 16k took 35.6 us of attention per layer with it against 39.8, while
+# Qwen3-8B heads (64 x 8k) took 81.0 against 74.3 (H200, session 11); mixed steps did not move.
+_PREFETCH_MAX_DIM = 64
 
 
 def paged_attention(
@@ -607,7 +611,7 @@ def paged_attention(
     score_m: int | None = None,
     finish_warps: int | None = None,
     finish_stages: int | None = None,
-    index_prefetch: bool = True,
+    index_prefetch: bool | None = None,
 ) -> torch.Tensor:
     """PillarAttn over the paged pool for a packed batch of full and draft rows; (1, T, Hq, D).
 
@@ -626,7 +630,8 @@ def paged_attention(
             for benchmarks and tests (query-tile rows, KV block, items the split sizing aims at, a fixed
             number of KV positions per split, the attention kernel's pipeline stages, warps and
             registers per thread, and the finish kernel's registers per thread, score-pass tile rows,
-            warps and pipeline stages, and whether selected positions are looked up a block ahead;
+            warps and pipeline stages, and whether selected positions are looked up a block ahead
+            (by default for heads of up to 64 dims);
             register caps apply on CUDA only, 0 lifts the default one);
             by default chosen from the shapes and, for the split size, from the step's work on the
             device.
@@ -713,7 +718,8 @@ def paged_attention(
         *plan, num_score_blocks, qk_scale,
         q.stride(1), q.stride(0), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         out.stride(1), out.stride(2), block_tables.stride(0), selection.stride(0), selection.stride(1),
-        **shared, WRITE_LSE=write_scores, SCORE_BLOCK=score_block, PREFETCH=index_prefetch,
+        **shared, WRITE_LSE=write_scores, SCORE_BLOCK=score_block,
+        PREFETCH=d_pad <= _PREFETCH_MAX_DIM if index_prefetch is None else index_prefetch,
         SCORE_COLS=max(16, block_n // score_block) if score_block else 16, num_warps=warps, num_stages=num_stages or 2,
         # Fewer registers, more resident programs (benchmarks/kernel_registers.py); ptxas spills past the cap.
         **({"maxnreg": max_registers} if max_registers and on_gpu else {}),
