@@ -588,6 +588,8 @@ def test_decode_tiles_take_large_kv_blocks_only_with_hopper_shared_memory(head_d
     assert triton_kernels._tile_shape(**decode, big_blocks=False).block_n == 64
     prefill = dict(num_tokens=4096, num_rows=2, group=4, d_pad=head_dim)
     assert triton_kernels._tile_shape(**prefill, big_blocks=True).block_n == 64
+    # Unsplit draft-only steps past 64 dims keep 64-position blocks: more programs per SM.
+    assert triton_kernels._tile_shape(**decode, big_blocks=True, draft_only=True).block_n == (128 if head_dim == 64 else 64)
 
 
 def test_only_uniform_steps_whose_rows_fill_the_gpu_go_unsplit():

@@ -519,7 +519,7 @@ class _Tiles:
 
 
 def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int, big_blocks: bool,
-                verification_only: bool = False, verify_len: int = 0) -> _Tiles:
+                verification_only: bool = False, verify_len: int = 0, draft_only: bool = False) -> _Tiles:
     """Tile shapes from shapes alone.
 
     Prefill-like steps (many tokens per row) take 128-row query tiles: tensor-core sized, and
@@ -557,7 +557,9 @@ def _tile_shape(num_tokens: int, num_rows: int, group: int, d_pad: int, big_bloc
         block_m = 128 if d_pad <= 128 else 64
     else:
         block_m = 16
-        if d_pad <= 128 and big_blocks:
+        # Not for steps of sparse drafts past 64 dims: run unsplit (``_rows_fill_gpu``), their programs
+        # are as many as the GPU holds, and at 72 KB of shared memory only 3 fit per SM.
+        if d_pad <= 128 and big_blocks and not (draft_only and d_pad > 64):
             block_n = 128
         if d_pad <= 64:
             items_per_sm = _ITEMS_PER_SM_SMALL_HEADS
@@ -648,7 +650,7 @@ def paged_attention(
     q = _last_dim_contiguous(query[0])  # (Hq, T, D)
     d_pad = _pow2(head_dim, 16)
     tiles = _tile_shape(num_tokens, num_rows, group, d_pad, _hopper_shared_memory(query.device), ctx.verification_only,
-                        verify_len=ctx.verify_len)
+                        verify_len=ctx.verify_len, draft_only=ctx.draft_only)
     block_m = max(block_m or tiles.block_m, _pow2(group, 16))
     block_n = block_n or tiles.block_n
     qpt = block_m // group
