@@ -70,6 +70,10 @@ _WHOLE_ROW_MAX_REGISTERS = 128
 # few spills, which made verification and unified steps 7-19% faster (64-position blocks; with the
 # 128-position ones its 84 KB of shared memory allow 2 per SM anyway).
 _FINISH_MAX_REGISTERS = 168
+# Heads of <= 64 dims (bench-code-lm's): at 168 the finish kernel used all 168, 3 programs per SM and 17%
+# occupancy in a unified b128 x 16k step (ncu); capped at 128 that step's attention took 115 us per layer
+# against 121 (96: 115.6; H200, session 11).
+_FINISH_MAX_REGISTERS_SMALL_HEADS = 128
 # After whole-row tiles (verification-only steps past 64 dims) a tighter cap pays more: a Qwen3-8B-shaped
 # lockstep verification (64 rows x 9 tokens at 8k, per-position scores) took 1,223 us per layer at 128
 # against 1,337 at 168 and 1,462 uncapped (H200, session 10, kernels_check --only score-pass).
@@ -711,7 +715,7 @@ def paged_attention(
             max_registers = tiles.max_registers if block_m == tiles.block_m else 0
     if finish_max_registers is None:
         if decode_tiles:
-            finish_max_registers = _FINISH_MAX_REGISTERS
+            finish_max_registers = _FINISH_MAX_REGISTERS_SMALL_HEADS if d_pad <= 64 else _FINISH_MAX_REGISTERS
         else:
             finish_max_registers = tiles.finish_max_registers if block_m == tiles.block_m else 0
     on_gpu = query.device.type == "cuda"  # the interpreter takes no register cap
