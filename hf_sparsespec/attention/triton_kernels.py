@@ -11,7 +11,8 @@ virtual KV sequence: their selected positions followed by the tail ``[tail_start
 full rows see ``[0, kv_len)``. How many splits a row gets depends on the step's total work,
 which only the device knows, so every program derives the item list from the row metadata
 itself (one vectorised pass, no loop over items) and the grid is an upper bound from shapes;
-programs past the real items return at once.
+programs past the real items return at once. Steps whose rows alone fill the GPU (all sparse drafts,
+or a large lockstep verification) are not split at all (``_rows_fill_gpu``).
 
 Two launches: the attention kernel writes final outputs of unsplit rows and per-split partials
 of split rows; the finish kernel, over the same items, merges the partials and computes the
