@@ -577,8 +577,9 @@ def _rows_fill_gpu(ctx: StepContext, num_tokens: int, num_kv_heads: int, d_pad: 
 
     Sparse drafts read a few hundred positions each: cut by the work-based sizing into items of two
     128-position blocks, a Qwen3-8B-shape draft step (64 rows x 8k) took 107 us of attention per
-    layer, unsplit 76, the finish kernel's merge launch then being skipped altogether; bench-code-lm
-    heads at 128 x 16k 49 -> 40 (H200, session 11). Whole-row verification tiles (lockstep rounds,
+    layer, unsplit 74-76 (the finish kernel's merge launch then skipped altogether), and 62 over the
+    64-position blocks ``_tile_shape`` gives such steps; bench-code-lm heads at 128 x 16k 49 -> 40
+    (H200, session 11). Whole-row verification tiles (lockstep rounds,
     heads of 64-128 dims) at 64 rows x 8k, 8 KV heads: 1,217 -> 1,135 us per layer with scores.
     Graph buckets pad rows to one per token, so the count of real rows comes from the tokens.
     """
@@ -637,9 +638,8 @@ def paged_attention(
             for benchmarks and tests (query-tile rows, KV block, items the split sizing aims at, a fixed
             number of KV positions per split, the attention kernel's pipeline stages, warps and
             registers per thread, and the finish kernel's registers per thread, score-pass tile rows,
-            warps and pipeline stages, and whether selected positions are looked up a block ahead
-            (by default for heads of up to 64 dims);
-            register caps apply on CUDA only, 0 lifts the default one);
+            warps and pipeline stages, and whether selected positions are looked up a block ahead (by
+            default for heads of up to 64 dims); register caps apply on CUDA only, 0 lifts the default one);
             by default chosen from the shapes and, for the split size, from the step's work on the
             device.
     """
