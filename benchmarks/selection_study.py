@@ -11,6 +11,7 @@ wrong tokens whose attention makes poor scores; along the true trajectory the ra
 2.4x better (3.1 vs 1.3 accepted, 2k greedy) than it is.
 
     PYTHONPATH=. python benchmarks/selection_study.py --grid shape --context 1024 --out results.json
+    PYTHONPATH=. python benchmarks/selection_study.py --grid oracle --only oracle --context 8192 --ratio 0.1 --prompts 8 --temperature 0.6 --out oracle.json
     PYTHONPATH=. python3 benchmarks/selection_study.py --device cuda --grid block --context 8192 --prompts 64 --out $OUT/block.json
 """
 
@@ -148,6 +149,18 @@ GRIDS = {
         "layers 3, 7 x2": knobs(8, 1, 0.5, layer_weights=[1, 1, 1, 2, 1, 1, 1, 2]),
         "block16+pool+recent0, layers 3, 7 x2": knobs(8, 1, 0.0, block=16, layer_weights=[1, 1, 1, 2, 1, 1, 1, 2]),
     },
+    # A diagnostic, not a policy: in every layer each draft row reads the ``count`` positions (below
+    # its tail) that hold the most of its own full causal attention, per KV head, recomputed inside
+    # each draft step's attention: the most mass a selection of that budget can capture. It reads the
+    # whole cache, so it saves nothing. (It accepts less than "window" at 8k/10%: captured mass is no
+    # ceiling on acceptance; docs/selection.md.) The other three are the block grid's "window",
+    # "pillar" and "block16+pool+recent0" (selection="pillar_block"'s rule).
+    "oracle": {
+        "window": "window",
+        "pillar": knobs(8, 1, 0.5),
+        "pillar_block": knobs(8, 1, 0.0, block=16),
+        "oracle": dict(policy="window", oracle=True),
+    },
     "scores": {
         "pool7+recent0.5": knobs(3, 3, 0.5),
         "pool7+recent0.5+first": knobs(3, 3, 0.5, score_weights="first"),
@@ -206,8 +219,39 @@ def reference_with_score_weights(rule):
     return attention
 
 
-def reference_with_layer_views(dense, tail_only):
-    """The reference attention with draft rows dense in layers ``dense`` and tail-only in ``tail_only``.
+def oracle_selection(query, k_pool, ctx, layer, scaling) -> torch.Tensor:
+    """``ctx.selection`` with layer ``layer`` of every draft row's slot replaced by the oracle's choice.
+
+    For a draft row (one query: drafts run one token a row), per KV head: the ``sel_count[slot]``
+    positions below ``tail_start`` with the most of that query's full causal softmax probability,
+    averaged over the query heads of the group (``selection.top_positions``, so ties and layout are
+    the engine's). The engine's own tensor is not written.
+    """
+    selection = ctx.selection.clone()
+    q = query[0].transpose(0, 1)  # [T, Hq, D]
+    hkv, width = k_pool.shape[1], selection.shape[-1]
+    slots = set()
+    for row in range(ctx.num_rows):
+        if not bool(ctx.is_draft[row]) or int(ctx.q_len[row]) == 0:
+            continue
+        start, n, kv_len = int(ctx.q_start[row]), int(ctx.q_len[row]), int(ctx.kv_len[row])
+        slot, tail = int(ctx.sel_slot[row]), int(ctx.tail_start[row])
+        if n != 1 or slot in slots:
+            raise ValueError(f"the oracle expects one query per draft row and one draft row per slot (row {row}: {n} queries, slot {slot})")
+        slots.add(slot)
+        positions = torch.arange(kv_len, device=q.device)
+        keys = reference.gather_positions(k_pool, ctx.block_tables[row], positions, ctx.cache.page_size).float()
+        q_row = q[start].float().view(hkv, -1, q.shape[-1])  # [H, g, D]; its position is kv_len - 1: all causal
+        probs = torch.softmax(torch.einsum("hgd,lhd->hgl", q_row, keys) * scaling, dim=-1).mean(1)  # [H, kv_len]
+        priority = probs.masked_fill(positions[None, :] >= tail, float("-inf"))
+        count = ctx.sel_count[slot : slot + 1].long()
+        selection[slot, layer] = sel.top_positions(priority[None, None], count, width)[0, 0].to(selection.dtype)
+    return selection
+
+
+def reference_with_layer_views(dense, tail_only, oracle=False):
+    """The reference attention with draft rows dense in layers ``dense`` and tail-only in ``tail_only``,
+    and (``oracle``) reading ``oracle_selection`` in the others.
 
     Only the view passed to the reference changes (the engine's own tensors are untouched), and only
     for the listed layers. Dense: no row counts as a draft, so draft rows attend causally to their
@@ -222,6 +266,8 @@ def reference_with_layer_views(dense, tail_only):
             ctx = dataclasses.replace(ctx, is_draft=torch.zeros_like(ctx.is_draft))
         elif layer in tail_only:
             ctx = dataclasses.replace(ctx, sel_count=torch.zeros_like(ctx.sel_count))
+        elif oracle and bool(ctx.is_draft.any()):
+            ctx = dataclasses.replace(ctx, selection=oracle_selection(query, k_pool, ctx, layer, scaling))
         return reference.reference_attention(query, k_pool, v_pool, ctx, layer, scaling)
 
     return attention
@@ -258,7 +304,7 @@ class Candidate:
         if isinstance(spec, dict) and "policy" in spec:
             # The CPU engine calls the reference through interface's name, so that is what is swapped.
             dense, tail_only = set(spec.get("dense", ())), set(spec.get("tail_only", ()))
-            interface.reference_attention = reference_with_layer_views(dense, tail_only)
+            interface.reference_attention = reference_with_layer_views(dense, tail_only, spec.get("oracle", False))
             spec = spec["policy"]
         if isinstance(spec, dict) and "score_weights" in spec:
             spec = dict(spec)
@@ -322,7 +368,7 @@ class Candidate:
             engine_module.Engine._verify = self._verify
 
 
-def run(model, prompts, spec, temperature, k, ratio, min_budget, new_tokens, seed=0):
+def run(model, prompts, spec, temperature, k, ratio, min_budget, new_tokens, seed=0, plain_tail=None):
     device = next(model.parameters()).device
     ids = torch.stack(prompts).to(device)
     torch.manual_seed(seed)
@@ -337,6 +383,7 @@ def run(model, prompts, spec, temperature, k, ratio, min_budget, new_tokens, see
             do_sample=temperature > 0, temperature=temperature or None, top_k=0 if temperature > 0 else None,
             selection="paper", budget_ratio=ratio, min_budget=min_budget, draft_len=k, diagnostics=on_cpu,
             unified_schedule=False, **({} if on_cpu else dict(use_cuda_graphs=False)),
+            **({} if plain_tail is None else dict(plain_tail=plain_tail)),
         )
     stats = out.spec_stats
     mass = stats.get("selection_mass_per_layer") or []
@@ -355,6 +402,9 @@ def main() -> None:
     ap.add_argument("--min-budget", type=int, default=16)
     ap.add_argument("--temperature", type=float, nargs="+", default=[0.6, 0.0])
     ap.add_argument("--seed", type=int, nargs="+", default=[0], help="sampling seeds; each is a separate row")
+    ap.add_argument("--plain-tail", type=float, default=None,
+                    help="the engine's plain_tail (default: the library's); 0 speculates to the end, as every screen "
+                         "before 77e73b5 did")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", default="cpu", help="cuda: bf16 and the Triton kernels, for many prompts at long contexts")
     args = ap.parse_args()
@@ -370,13 +420,14 @@ def main() -> None:
         if swapped:
             raise SystemExit(f"{swapped} swap the reference attention, which only the CPU runs; use --device cpu for them.")
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
+    plain_tail = hf_sparsespec.SparseSpecConfig().plain_tail if args.plain_tail is None else args.plain_tail
     started = time.time()
     for temperature, seed, name in itertools.product(args.temperature, args.seed, names):
         accepted, mass = run(model, prompts, grid[name], temperature, args.draft_len, args.ratio, args.min_budget,
-                             args.new_tokens, seed)
+                             args.new_tokens, seed, args.plain_tail)
         rows.append(dict(candidate=name, spec=grid[name], device=args.device, context=args.context, temperature=temperature, seed=seed,
                          draft_len=args.draft_len, budget_ratio=args.ratio, min_budget=args.min_budget,
-                         prompts=args.prompts, new_tokens=args.new_tokens, mean_accepted=accepted,
+                         prompts=args.prompts, new_tokens=args.new_tokens, plain_tail=plain_tail, mean_accepted=accepted,
                          selection_mass=sum(mass) / len(mass) if mass else None, selection_mass_per_layer=mass))
         args.out.write_text(json.dumps(rows, indent=1))
         print(f"[{time.time() - started:5.0f}s] T={temperature} seed={seed} {name:28s} accepted {accepted:.2f} "
