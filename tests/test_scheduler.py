@@ -144,39 +144,35 @@ def test_thin_tail_decodes_plainly_and_identically(bench_model, bench_tokenizer,
     assert stats["mean_accepted"] > 1  # over speculative rounds only
 
 
-def test_only_lockstep_verification_steps_are_marked_verification_only(monkeypatch):
+def _lockstep_step_marks(monkeypatch) -> list[tuple[set, set, bool, object]]:
+    """(row kinds, row lengths, every row sparse, the built step) of each step of a lockstep generate."""
     marks = []
     original = engine_module.build_step
 
     def build_step(rows, *args, **kwargs):
         step = original(rows, *args, **kwargs)
-        marks.append(({row.kind for row in rows}, {row.num_tokens for row in rows}, step.verification_only))
+        marks.append(({row.kind for row in rows}, {row.num_tokens for row in rows},
+                      all(row.request.has_selection for row in rows), step))
         return step
 
     monkeypatch.setattr(engine_module, "build_step", build_step)
     ids = torch.randint(3, 256, (4, 20))
     tiny_model("llama").generate(input_ids=ids, max_new_tokens=30, do_sample=False, custom_generate=hf_sparsespec.generate,
                                  min_budget=4, draft_len=DRAFT_LEN, unified_schedule=False, plain_tail=0.0)
-    assert any(flag for *_, flag in marks)
-    for kinds, sizes, flag in marks:
-        assert flag == (kinds == {RowKind.VERIFY} and min(sizes) > 1), (kinds, sizes, flag)
+    return marks
+
+
+def test_only_lockstep_verification_steps_are_marked_verification_only(monkeypatch):
+    marks = _lockstep_step_marks(monkeypatch)
+    assert any(step.verification_only for *_, step in marks)
+    for kinds, sizes, _, step in marks:
+        assert step.verification_only == (kinds == {RowKind.VERIFY} and min(sizes) > 1), (kinds, sizes)
 
 
 def test_only_steps_of_sparse_drafts_are_marked_draft_only(monkeypatch):
-    marks = []
-    original = engine_module.build_step
-
-    def build_step(rows, *args, **kwargs):
-        step = original(rows, *args, **kwargs)
-        marks.append(({row.kind for row in rows}, all(row.request.has_selection for row in rows), step.draft_only))
-        return step
-
-    monkeypatch.setattr(engine_module, "build_step", build_step)
-    ids = torch.randint(3, 256, (4, 20))
-    tiny_model("llama").generate(input_ids=ids, max_new_tokens=30, do_sample=False, custom_generate=hf_sparsespec.generate,
-                                 min_budget=4, draft_len=DRAFT_LEN, unified_schedule=False, plain_tail=0.0)
-    assert any(flag for *_, flag in marks)
+    marks = _lockstep_step_marks(monkeypatch)
+    assert any(step.draft_only for *_, step in marks)
     # The first round's drafts come before any verification: full rows, not draft-only steps.
-    assert any(kinds == {RowKind.DRAFT} and not flag for kinds, _, flag in marks)
-    for kinds, sparse, flag in marks:
-        assert flag == (kinds == {RowKind.DRAFT} and sparse), (kinds, sparse, flag)
+    assert any(kinds == {RowKind.DRAFT} and not step.draft_only for kinds, _, _, step in marks)
+    for kinds, _, sparse, step in marks:
+        assert step.draft_only == (kinds == {RowKind.DRAFT} and sparse), (kinds, sparse)
