@@ -67,6 +67,33 @@ def wide_heads_check(report: dict, enc: dict, vocab: int) -> None:
           f"({sum(flags)} of {len(flags)} steps verification-only)", flush=True)
 
 
+def fused_modules_check(report: dict, model, ids: torch.Tensor) -> None:
+    """bf16 logits of the bench model's own forward, and under the engine's fused modules (norms, rotary
+    with the q/k norms, residual adds, projections): how far apart, and how often their argmax differs."""
+    from contextlib import ExitStack
+
+    from hf_sparsespec.generation.fused_linear import FusedLinears
+    from hf_sparsespec.generation.fused_norm import FusedNorms
+    from hf_sparsespec.generation.fused_residual import FusedResiduals
+    from hf_sparsespec.generation.fused_rotary import FusedRotary
+
+    with torch.no_grad():
+        expected = model(ids).logits.float()
+        norms = FusedNorms(model)
+        fused = [norms, FusedRotary(model, norms), FusedResiduals(model, norms), FusedLinears(model)]
+        with ExitStack() as stack:
+            for f in fused:
+                stack.enter_context(f.swapped())
+            got = model(ids).logits.float()
+    scale = expected.abs().max().item()
+    report["bf16_fused_modules"] = {
+        "norms": len(norms.modules), "head_norms": len(fused[1].head_norms), "residual_layers": len(fused[2].layers),
+        "max_abs_diff": (got - expected).abs().max().item(), "logit_scale": scale,
+        "argmax_differs": float((got.argmax(-1) != expected.argmax(-1)).float().mean()),
+    }
+    print("bf16 logits, fused modules against the model's own forward:", report["bf16_fused_modules"], flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, default=Path("gpu_check_out"))
@@ -83,6 +110,9 @@ def main() -> None:
         (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
         return
 
+    bf16 = AutoModelForCausalLM.from_pretrained(BENCH_MODEL, dtype=torch.bfloat16).cuda().eval()
+    fused_modules_check(report, bf16, enc["input_ids"][:1, -512:])  # one sequence, as the engine calls it
+    del bf16
     model = AutoModelForCausalLM.from_pretrained(BENCH_MODEL, dtype=torch.float32).cuda().eval()
     ref = model.generate(**enc, max_new_tokens=300, do_sample=False)
     out = model.generate(**enc, max_new_tokens=300, do_sample=False, custom_generate=hf_sparsespec.generate,

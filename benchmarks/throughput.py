@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import hf_sparsespec
 from hf_sparsespec.generation import engine as engine_module
+from hf_sparsespec.generation import fused_rotary, strategy
 from hf_sparsespec.generation import runner as runner_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +57,10 @@ ENGINE_METHODS = {
     "nospec_unfused_linear": dict(speculate=False),
     # The score pass's query tile sized as before session 10 (room for 16 queries, not draft_len + 1).
     "sparsespec_score_tile_16q": dict(),
+    # Without the q/k norms folded into the rotary kernel and the residual adds into the norms (as before
+    # session 12: fused_rotary's head norms, fused_residual), for an A/B in one call.
+    "sparsespec_unfolded_norms": dict(),
+    "nospec_unfolded_norms": dict(speculate=False),
 }
 
 
@@ -265,9 +271,9 @@ def run_bench(args, rows: list) -> None:
 
 
 class _Unfused:
-    """Stands in for ``FusedLinears``: the model's projections and MLPs keep their own code."""
+    """Stands in for ``FusedLinears`` or ``FusedResiduals``: the model's modules keep their own code."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, *model_and_norms) -> None:
         pass
 
     def swapped(self):
@@ -279,9 +285,27 @@ def _score_tile_16q(tile_shape):
     return lambda *args, **kwargs: tile_shape(*args, **{**kwargs, "verify_len": 0})
 
 
-def run_one(shape: str, method: str, new: int) -> dict:
+@contextlib.contextmanager
+def _variant(method: str):
+    """The engine as ``method`` names it, for the duration of the block."""
+    saved = runner_module.FusedLinears, runner_module.FusedResiduals, fused_rotary._head_norm_forwards
     if method.endswith("_unfused_linear"):
-        runner_module.FusedLinears = _Unfused  # this child process only
+        runner_module.FusedLinears = _Unfused
+    if method.endswith("_unfolded_norms"):
+        runner_module.FusedResiduals = _Unfused
+        fused_rotary._head_norm_forwards = set
+    try:
+        yield
+    finally:
+        runner_module.FusedLinears, runner_module.FusedResiduals, fused_rotary._head_norm_forwards = saved
+
+
+def run_one(shape: str, method: str, new: int) -> dict:
+    with _variant(method):
+        return _run_one(shape, method, new)
+
+
+def _run_one(shape: str, method: str, new: int) -> dict:
     if method.endswith("_score_tile_16q"):
         from hf_sparsespec.attention import triton_kernels
 
@@ -307,11 +331,16 @@ def run_qwen8b(args, rows: list) -> None:
     # the median pure verification step read ~24k positions, the KV of about 3 of the 64 requests.
     note = "random weights: acceptance meaningless; system timings only; lockstep rounds so steps are pure draft or verify"
     for method in args.qwen_methods:
+        # Each method builds its own engine (variants of one configuration would share a cached one).
+        strategy._ENGINES.pop(model, None)
+        gc.collect()
+        torch.cuda.empty_cache()
         try:
-            rows.append(measure(model, "qwen3-8b-shape-random", ids, method, args.qwen_new_tokens,
-                                dict(do_sample=False), bpt, wb, note,
-                                extra=dict(unified_schedule=False, delayed_verification=False,
-                                           kv_memory_fraction=0.9)))
+            with _variant(method):
+                rows.append(measure(model, "qwen3-8b-shape-random", ids, method, args.qwen_new_tokens,
+                                    dict(do_sample=False), bpt, wb, note,
+                                    extra=dict(unified_schedule=False, delayed_verification=False,
+                                               kv_memory_fraction=0.9)))
         except Exception as exc:
             print(f"FAILED qwen8b {method}: {exc!r}", flush=True)
         write_tables(rows, args.out)

@@ -11,6 +11,7 @@ from ..attention.context import StepContext, step_context
 from ..cache.paged_cache import PagedKVCache
 from .fused_linear import FusedLinears
 from .fused_norm import FusedNorms
+from .fused_residual import FusedResiduals
 from .fused_rotary import FusedRotary
 from .scheduler import Row
 from .upload import upload
@@ -77,7 +78,12 @@ class ModelRunner:
         self.score_block = score_block  # granularity of verification scores, see StepContext
         # With the Triton kernels, the model's RMSNorms, rotary embeddings, projections and gated
         # MLPs run fused too (each verified against the model's own code first).
-        self.fused = [FusedNorms(model), FusedRotary(model), FusedLinears(model)] if use_triton else []
+        self.fused = []
+        if use_triton:
+            norms = FusedNorms(model)
+            # Norms swap first: the rotary function takes over the per-head ones, the decoder layers
+            # those after a residual add (see fused_rotary, fused_residual).
+            self.fused = [norms, FusedRotary(model, norms), FusedResiduals(model, norms), FusedLinears(model)]
         self.selection_mass = None  # a SelectionMass while a diagnostics run decodes
         self.nonfinite: torch.Tensor | None = None  # check_finite flags, see StepContext
         params = inspect.signature(model.forward).parameters
