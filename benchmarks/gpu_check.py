@@ -68,8 +68,9 @@ def wide_heads_check(report: dict, enc: dict, vocab: int) -> None:
 
 
 def fused_modules_check(report: dict, model, ids: torch.Tensor) -> None:
-    """bf16 logits of the bench model's own forward, and under the engine's fused modules (norms, rotary
-    with the q/k norms, residual adds, projections): how far apart, and how often their argmax differs."""
+    """bf16 logits of the bench model's own forward, and under the engine's fused modules (norms, rotary,
+    residual adds, projections), with the q/k norms and residual adds folded (the default) and without
+    (as before session 12): how far each is from the model's own forward, and how often its argmax differs."""
     from contextlib import ExitStack
 
     from hf_sparsespec.generation.fused_linear import FusedLinears
@@ -79,19 +80,25 @@ def fused_modules_check(report: dict, model, ids: torch.Tensor) -> None:
 
     with torch.no_grad():
         expected = model(ids).logits.float()
-        norms = FusedNorms(model)
-        fused = [norms, FusedRotary(model, norms), FusedResiduals(model, norms), FusedLinears(model)]
-        with ExitStack() as stack:
-            for f in fused:
-                stack.enter_context(f.swapped())
-            got = model(ids).logits.float()
-    scale = expected.abs().max().item()
-    report["bf16_fused_modules"] = {
-        "norms": len(norms.modules), "head_norms": len(fused[1].head_norms), "residual_layers": len(fused[2].layers),
-        "max_abs_diff": (got - expected).abs().max().item(), "logit_scale": scale,
-        "argmax_differs": float((got.argmax(-1) != expected.argmax(-1)).float().mean()),
-    }
-    print("bf16 logits, fused modules against the model's own forward:", report["bf16_fused_modules"], flush=True)
+        for folded in (True, False):
+            norms = FusedNorms(model)
+            rotary = FusedRotary(model, norms)
+            if not folded:
+                rotary.head_norms = []
+            fused = [norms, rotary, *([FusedResiduals(model, norms)] if folded else []), FusedLinears(model)]
+            with ExitStack() as stack:
+                for f in fused:
+                    stack.enter_context(f.swapped())
+                got = model(ids).logits.float()
+            name = "bf16_fused_modules" + ("" if folded else "_unfolded")
+            report[name] = {
+                "norms": len(norms.modules), "head_norms": len(rotary.head_norms),
+                "residual_layers": len(fused[2].layers) if folded else 0,
+                "max_abs_diff": (got - expected).abs().max().item(), "logit_scale": expected.abs().max().item(),
+                "argmax_differs": float((got.argmax(-1) != expected.argmax(-1)).float().mean()),
+            }
+            print(f"bf16 logits, fused modules ({'folded' if folded else 'unfolded'}) against the model's own forward:",
+                  report[name], flush=True)
 
 
 def main() -> None:
@@ -100,6 +107,7 @@ def main() -> None:
     p.add_argument("--selection", default="pillar", help="the selection policy of every sparsespec call")
     p.add_argument("--fp32-only", action="store_true", help="stop after the float32 greedy comparison")
     p.add_argument("--wide-only", action="store_true", help="only the 128-dim-head model's float32 greedy comparison")
+    p.add_argument("--fused-only", action="store_true", help="only the bf16 logits under the fused modules")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {}
@@ -113,6 +121,9 @@ def main() -> None:
     bf16 = AutoModelForCausalLM.from_pretrained(BENCH_MODEL, dtype=torch.bfloat16).cuda().eval()
     fused_modules_check(report, bf16, enc["input_ids"][:1, -512:])  # one sequence, as the engine calls it
     del bf16
+    if args.fused_only:
+        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+        return
     model = AutoModelForCausalLM.from_pretrained(BENCH_MODEL, dtype=torch.float32).cuda().eval()
     ref = model.generate(**enc, max_new_tokens=300, do_sample=False)
     out = model.generate(**enc, max_new_tokens=300, do_sample=False, custom_generate=hf_sparsespec.generate,
