@@ -24,7 +24,7 @@ import hf_sparsespec
 from hf_sparsespec.generation import engine as engine_module
 from hf_sparsespec.generation.request import RowKind
 
-from benchmarks.throughput import BENCH_MODEL, prompts_for, random_qwen3_8b
+from benchmarks.throughput import BENCH_MODEL, _variant, prompts_for, random_qwen3_8b
 
 
 def profiled_generate(model, ids, new_tokens: int, steps: int, skip: int, extra: dict,
@@ -87,6 +87,8 @@ def main() -> None:
     p.add_argument("--kind", help='profile only iterations whose rows are of this kind: "draft", "verify", "draft+verify"; '
                    'several, comma-separated, make one table each')
     p.add_argument("--selection", help='a selection policy other than the default, e.g. "pillar_block"')
+    p.add_argument("--unfolded-norms", action="store_true",
+                   help="without the q/k norms and residual adds folded into other kernels (as before session 12)")
     p.add_argument("--qwen8b", action="store_true",
                    help="the Qwen3-8B-shaped random model, in lockstep rounds (steps are pure draft or verify)")
     args = p.parse_args()
@@ -103,13 +105,14 @@ def main() -> None:
         tok = AutoTokenizer.from_pretrained(BENCH_MODEL)
         ids = prompts_for(tok, args.batch, args.context - args.new_tokens, seed=args.batch).cuda()
     model_tag = "qwen8b_" if args.qwen8b else ""
-    selection_tag = f"_{args.selection}" if args.selection else ""
+    selection_tag = (f"_{args.selection}" if args.selection else "") + ("_unfolded_norms" if args.unfolded_norms else "")
     kinds = args.kind.split(",") if args.kind else [None]
     tags = {kind: f"{model_tag}b{args.batch}_{args.context}_{'sparsespec' if args.speculate else 'nospec'}{selection_tag}"
                   + (f"_{kind.replace('+', '_')}" if kind else "") for kind in kinds}
     for extra in (options, dict(options, use_cuda_graphs=False)):
-        generate(model, ids, args.new_tokens, extra)  # Triton compiles and graph captures
-        profiles = profiled_generate(model, ids, args.new_tokens, args.steps, args.skip, extra, kinds)
+        with _variant("sparsespec_unfolded_norms" if args.unfolded_norms else "sparsespec"):
+            generate(model, ids, args.new_tokens, extra)  # Triton compiles and graph captures
+            profiles = profiled_generate(model, ids, args.new_tokens, args.steps, args.skip, extra, kinds)
         if all(write_table(prof, seen, tags[kind], kind, extra, args.out) for kind, (prof, seen) in profiles.items()):
             return
 
