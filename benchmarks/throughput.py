@@ -61,6 +61,10 @@ ENGINE_METHODS = {
     # session 12: fused_rotary's head norms, fused_residual), for an A/B in one call.
     "sparsespec_unfolded_norms": dict(),
     "nospec_unfolded_norms": dict(speculate=False),
+    # Each round's first draft only after the verification's result is read (before session 13: a
+    # request sat out the iteration its result travelled in), for an A/B in one call.
+    "sparsespec_late_drafts": dict(),
+    "sparsespec_lockstep_late_drafts": dict(unified_schedule=False),
 }
 
 
@@ -289,6 +293,8 @@ def _score_tile_16q(tile_shape):
 def _variant(method: str):
     """The engine as ``method`` names it, for the duration of the block."""
     saved = runner_module.FusedLinears, runner_module.FusedResiduals, fused_rotary._head_norm_forwards
+    early_drafts = engine_module.Engine.EARLY_DRAFTS
+    engine_module.Engine.EARLY_DRAFTS = not method.endswith("_late_drafts")
     if method.endswith("_unfused_linear"):
         runner_module.FusedLinears = _Unfused
     if method.endswith("_unfolded_norms"):
@@ -298,6 +304,7 @@ def _variant(method: str):
         yield
     finally:
         runner_module.FusedLinears, runner_module.FusedResiduals, fused_rotary._head_norm_forwards = saved
+        engine_module.Engine.EARLY_DRAFTS = early_drafts
 
 
 def run_one(shape: str, method: str, new: int) -> dict:

@@ -47,8 +47,9 @@ class SparseSpecConfig:
             decoding; it pays only where a forward's cost is mostly full-context KV reads, which a
             thinning batch no longer has, while its fixed per-forward cost stays. ``0`` speculates
             to the end.
-        delayed_verification: let requests that just verified sit out one iteration, so their results
-            travel to the host while the others keep the accelerator busy.
+        delayed_verification: read each iteration's results on the host while the next one runs, so
+            the host's bookkeeping overlaps with the accelerator's work; a request that just verified
+            runs its next draft meanwhile, at a position the device resolves.
         offload: move whole requests' KV to host memory when the pool runs out, instead of failing.
         use_triton: run the Triton kernels (CUDA only). ``None`` picks them when available.
         use_cuda_graphs: replay captured CUDA graphs for draft and verification steps. ``None`` picks

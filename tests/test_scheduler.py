@@ -32,12 +32,11 @@ def verification_phases(monkeypatch, **options) -> set[int]:
     ids = torch.randint(3, 256, (12, 20))
     model.generate(input_ids=ids, max_new_tokens=48, do_sample=False, custom_generate=hf_sparsespec.generate,
                    min_budget=4, draft_len=DRAFT_LEN, adaptive_draft=False, **options)
-    # A round is k drafts, one verification and one iteration sat out while its result travels,
-    # unless every request is waiting for one: then nothing is launched meanwhile.
+    # A round is k drafts and one verification: the next round's first draft runs while the
+    # verification's result travels.
     gaps = {b - a for steps in verifies.values() for a, b in zip(steps[:3], steps[1:3])}
-    assert len(gaps) == 1 and gaps <= {DRAFT_LEN + 1, DRAFT_LEN + 2}, verifies
-    cycle = gaps.pop()
-    return {steps[0] % cycle for steps in verifies.values()}
+    assert gaps == {DRAFT_LEN + 1}, verifies
+    return {steps[0] % (DRAFT_LEN + 1) for steps in verifies.values()}
 
 
 @pytest.mark.parametrize(("options", "phases"), [
@@ -152,7 +151,7 @@ def _lockstep_step_marks(monkeypatch) -> list[tuple[set, set, bool, object]]:
     def build_step(rows, *args, **kwargs):
         step = original(rows, *args, **kwargs)
         marks.append(({row.kind for row in rows}, {row.num_tokens for row in rows},
-                      all(row.request.has_selection for row in rows), step))
+                      all(row.early or row.request.has_selection for row in rows), step))
         return step
 
     monkeypatch.setattr(engine_module, "build_step", build_step)
@@ -176,3 +175,43 @@ def test_only_steps_of_sparse_drafts_are_marked_draft_only(monkeypatch):
     assert any(kinds == {RowKind.DRAFT} and not step.draft_only for kinds, _, _, step in marks)
     for kinds, _, sparse, step in marks:
         assert step.draft_only == (kinds == {RowKind.DRAFT} and sparse), (kinds, sparse)
+
+
+def test_early_drafts_change_no_draft_and_shorten_rounds(bench_model, bench_tokenizer, monkeypatch):
+    # Lockstep rounds without a thin tail have the same rounds either way, so a draft launched
+    # before its verification's result is read must be the draft launched after it: a misplaced
+    # one (wrong position, tail or selection) would change which drafts are accepted.
+    from conftest import code_prompts
+
+    text = code_prompts(bench_tokenizer, 200, 3)
+    ids = torch.tensor([bench_tokenizer(t).input_ids[:200] for t in text])
+    early_rows = []
+    original_launch = engine_module.Engine._launch
+
+    def launch(self, rows):
+        early_rows.extend(row for row in rows if row.early)
+        return original_launch(self, rows)
+
+    def generate(early: bool, **options):
+        monkeypatch.setattr(engine_module.Engine, "EARLY_DRAFTS", early)
+        early_rows.clear()
+        out = bench_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=80, do_sample=False,
+                                   eos_token_id=None, draft_len=6, min_budget=16, plain_tail=0.0,
+                                   custom_generate=hf_sparsespec.generate, return_dict_in_generate=True, **options)
+        return out, len(early_rows)
+
+    monkeypatch.setattr(engine_module.Engine, "_launch", launch)
+    (late, none), (early, launched) = generate(False, unified_schedule=False), generate(True, unified_schedule=False)
+    torch.testing.assert_close(early.sequences, late.sequences, rtol=0, atol=0)
+    late, early = late.spec_stats, early.spec_stats
+    assert early["mean_accepted_per_sequence"] == late["mean_accepted_per_sequence"]
+    assert early["num_draft_steps"] == late["num_draft_steps"] and early["num_verify_steps"] == late["num_verify_steps"]
+    assert early["mean_accepted"] > 2  # real drafts were compared, not rejections alone
+    # Every verification but those of the last few rounds (no room left for a round after it) was
+    # followed by an early draft.
+    assert none == 0 and late["num_verify_steps"] - 3 * 3 <= launched < late["num_verify_steps"]
+    # In the unified schedule the iteration a request sat out held other requests' rows: without
+    # it a round is one iteration shorter, so the same tokens take fewer forwards.
+    (late, _), (early, launched) = generate(False), generate(True)
+    torch.testing.assert_close(early.sequences, late.sequences, rtol=0, atol=0)
+    assert launched > 0 and early.spec_stats["num_forward_passes"] < 0.95 * late.spec_stats["num_forward_passes"]

@@ -1,7 +1,6 @@
 """Adaptive draft length: each request drafts as many tokens per round as its recent acceptance pays for.
 
-A round of k drafts costs k draft rows plus its verification row and, with delayed verification,
-an iteration sat out; it yields ``1 + a + a^2 + ... + a^k`` tokens on average when each draft is
+A round of k drafts costs k draft rows plus its verification row; it yields ``1 + a + a^2 + ... + a^k`` tokens on average when each draft is
 accepted with probability ``a``. Maximising tokens per unit of cost gives long rounds to requests
 whose drafts are mostly right and short ones to the others. That matters most at the end of a
 batch: the requests with the lowest acceptance finish last, in iterations of few rows whose fixed
@@ -12,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# A round's verification row plus the iteration it sits out, in units of one draft row. A
-# verification reads the whole context (a draft only its selection) and does the selection, so it
-# costs several draft rows; in a thin tail of the batch only the count of iterations matters (2).
+# A round's verification row, in units of one draft row. A verification reads the whole context (a
+# draft only its selection) and does the selection, so it costs several draft rows. Fitted while a
+# verified request still sat out one iteration (before early drafts); not re-fitted since.
 # benchmarks/draft_length_sim.py (a batch of 128 with step costs from the H200 at 16k) finds 4 to 8
 # within a few percent of the best in every setting it models, and fixed rounds of 8 10-35% slower;
 # on the H200 itself 6 gave +11% at batch 128 x 16k (session-4 results).

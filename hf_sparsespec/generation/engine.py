@@ -17,7 +17,7 @@ from ..config import SparseSpecConfig
 from .request import Request, RowKind
 from .runner import ModelRunner, SlotPageTable
 from .graphs import StepGraphs, bucket
-from .step_builder import build_step, padding_values
+from .step_builder import build_step, padding_values, unshifted_slot
 from .upload import upload
 from .sampling import LogitsPlan, PositionState, verify_drafts
 from .scheduler import Row, Scheduler
@@ -100,10 +100,15 @@ class Engine:
     """
 
     # Iterations queued on the device before the host waits for the oldest. With two, the host
-    # reads iteration N while N + 1 runs, and a request that verified in N is planned into N + 2,
-    # sitting out one iteration; a third in flight would only pay off if the host's work per
-    # iteration exceeded the device's, and it costs every verified request a second idle iteration.
+    # reads iteration N while N + 1 runs, and a request that verified in N runs only its early draft
+    # in N + 1 (below) and its other rows from N + 2; a third in flight would only pay off if the
+    # host's work per iteration exceeded the device's, and it delays every verified request's second
+    # draft by one more iteration.
     IN_FLIGHT = 2
+    # Whether a request runs its next round's first draft in the iteration it would otherwise sit
+    # out waiting for its verification's result (the device knows where that draft goes; see
+    # ``step_builder.build_step``): a round then takes draft_len + 1 iterations instead of + 2.
+    EARLY_DRAFTS = True
 
     def __init__(self, model: torch.nn.Module, config: SparseSpecConfig, cache: PagedKVCache, num_slots: int, max_context: int):
         self.model, self.config, self.cache = model, config, cache
@@ -118,6 +123,9 @@ class Engine:
             (num_slots + 1, cache.num_layers, cache.num_kv_heads, self.sel_width), -1, dtype=torch.int32, device=device
         )
         self.sel_count = torch.zeros(num_slots + 1, dtype=torch.int32, device=device)
+        # Tokens each slot's latest verification committed, for the early draft after it; one entry
+        # more stays 0 for every row the host places alone.
+        self.commit_count = torch.zeros(unshifted_slot(num_slots) + 1, dtype=torch.long, device=device)
         self.num_slots = num_slots
         self.max_context = max_context
         on_cuda = device.type == "cuda"
@@ -258,13 +266,19 @@ class Engine:
                 req.prefilled += row.num_tokens
                 req.waiting = req.prefill_done
             elif row.kind is RowKind.DRAFT:
-                req.drafted += 1
+                if row.early:
+                    req.early_draft, req.early_draft_ok = True, False
+                else:
+                    req.drafted += 1
                 self.stats.num_draft_steps += 1
             else:
                 self.stats.num_verify_steps += 1
                 self.stats.num_plain_steps += req.plain
                 if self.config.speculate and not req.plain:
                     req.waiting = True
+                    # Room for a round of at least one draft even if every draft is accepted; an
+                    # early draft of a request that then stops (EOS, a criterion) is wasted, not wrong.
+                    req.early_draft_ok = self.EARLY_DRAFTS and req.remaining - req.round_len - 1 >= 2
                 else:
                     # Plain decoding commits exactly one token per row, so the next row's position
                     # is known now and its input token is already on the device: no need to wait.
@@ -303,6 +317,7 @@ class Engine:
         k = self.config.draft_len
         if self.runner.nonfinite is not None:
             self.runner.nonfinite.zero_()
+        v = self._place_early_drafts(v)
         logits = self.runner.forward(v, attn_scores, max_kv, fresh_prefill_rows, verification_only, draft_only)
         scores = self.plan.apply(logits, self._position_state(v))
         parts = []
@@ -322,6 +337,12 @@ class Engine:
             return torch.zeros(0, k + 2, dtype=torch.long, device=scores.device), scores, logits
         return torch.cat(parts), scores, logits
 
+    def _place_early_drafts(self, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Moves early drafts past the tokens their verification committed (0 for every other row)."""
+        count = self.commit_count
+        return {**v, "positions": v["positions"] + count[v["early_tok"]], "kv_len": v["kv_len"] + count[v["early_row"]],
+                "hf_length": v["hf_length"] + count[v["early_pos"]]}
+
     def _verify(self, v: dict[str, torch.Tensor], scores: torch.Tensor, attn_scores: torch.Tensor | None):
         device = scores.device
         k = self.config.draft_len
@@ -337,6 +358,7 @@ class Engine:
         tokens = torch.where(cols < accepted[:, None], padded_drafts, -1)
         tokens = torch.where(cols == accepted[:, None], next_token[:, None], tokens)
         self.round_tokens[slots, 0] = next_token
+        self.commit_count[slots] = accepted + 1
         if self.presence is not None:
             self._mark_present(slots, tokens)
         if attn_scores is not None:
@@ -414,7 +436,7 @@ class Engine:
         for j, i in enumerate(results.commit_rows):
             row = results.rows[i]
             req = row.request
-            req.waiting = False
+            req.waiting = req.early_draft_ok = False
             if req.finished:
                 continue
             m, tokens = host[results.result_rows[j]][0], host[results.result_rows[j]][1:]
@@ -441,8 +463,8 @@ class Engine:
                 req.tail_start = req.num_cached
                 req.num_cached += m + 1
                 req.has_selection = self.config.speculate
-                self.cache.truncate(req.index, req.num_cached)
                 self.scheduler.start_round(req, first=False)
+                self.cache.truncate(req.index, req.kv_written)  # keeps an early draft's KV
 
     def _commit(self, req: Request, tokens: list[int], results: StepResults, j: int) -> list[int]:
         kept: list[int] = []

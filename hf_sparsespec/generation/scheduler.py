@@ -22,6 +22,9 @@ class Row:
     request: Request
     kind: RowKind
     num_tokens: int
+    # A round's first draft launched while the verification before it is still in flight: it sits
+    # after the 1 to round_len + 1 tokens that verification commits, a count only the device knows yet.
+    early: bool = False
 
 
 class KVPoolTooSmall(MemoryError):
@@ -71,7 +74,10 @@ class Scheduler:
             choices = sorted({longest - i * phases // groups for i in range(groups)}, reverse=True)
             load = Counter(r.round_len - r.drafted for r in self.active if r is not request and r.prefill_done)
             length = min(choices, key=lambda v: load[v])
-        request.round_len, request.drafted = length, 0
+        # An early draft counts as the round's first; a round without drafts drops it (its KV sits at
+        # the position the round's row rewrites).
+        request.round_len, request.drafted = length, int(request.early_draft and length > 0)
+        request.early_draft = False
 
     def _thin_tail(self) -> bool:
         """Whether so few requests are left that plain decoding beats speculation (``plain_tail``)."""
@@ -85,11 +91,20 @@ class Scheduler:
         rows: list[Row] = []
         prefill_tokens = 0
         # A plain-decoding request whose remaining tokens are all in flight has nothing left to run.
-        ready = [r for r in self.active if not r.waiting and r.offloaded is None and (r.in_flight == 0 or r.remaining > r.in_flight)]
+        ready = [
+            r for r in self.active
+            if (not r.waiting or r.early_draft_ok) and r.offloaded is None and (r.in_flight == 0 or r.remaining > r.in_flight)
+        ]
         # New prompts go alone: a step of nothing but prompts' first chunks needs no cache reads and
         # runs through fused dense attention, many times faster than mixed with paged decode rows.
         fresh = [r for r in ready if r.prefilled == 0]
         for request in fresh or ready:
+            if request.waiting:
+                # Pages up to the furthest position the draft can land on; the rest go back once the
+                # verification's result is read. Never worth offloading another request for.
+                if self._reserve(request, request.num_cached + request.round_len + 2, rows, may_offload=False):
+                    rows.append(Row(request, RowKind.DRAFT, 1, early=True))
+                continue
             kind, n = request.next_row()
             if kind is RowKind.PREFILL:
                 chunk = min(n, self.config.prefill_chunk)
@@ -130,12 +145,14 @@ class Scheduler:
             self.cache.restore(request.index, saved)
             request.offloaded = None
 
-    def _reserve(self, request: Request, length: int, planned: list[Row]) -> bool:
+    def _reserve(self, request: Request, length: int, planned: list[Row], may_offload: bool = True) -> bool:
         while True:
             try:
                 self.cache.reserve(request.index, length)
                 return True
             except OutOfPages:
+                if not may_offload:
+                    return False
                 victim = self._pick_victim(request, planned) if self.config.offload else None
                 if victim is None:
                     if not self.config.offload and not planned and not any(r.results_pending for r in self.active):

@@ -20,10 +20,18 @@ from .scheduler import Row
 PREFILL, DRAFT, VERIFY = 0, 1, 2
 
 
+def unshifted_slot(dummy_slot: int) -> int:
+    """Entry of the engine's per-slot commit counts that always holds 0: what rows placed by the
+    host alone read (early drafts read their own slot's count, see ``build_step``)."""
+    return dummy_slot + 1
+
+
 def padding_values(dummy_slot: int) -> dict[str, int]:
     """What a padding entry holds: it writes no KV, attends to nothing, asks for no scores, and
     sends every sampled or verified token of its own to the dummy slot."""
+    none = unshifted_slot(dummy_slot)
     return {
+        "early_tok": none, "early_row": none, "early_pos": none,
         "ids_host": 0, "gather": -1, "positions": 0, "token_slot": -1, "logits_index": 0,
         "q_start": 0, "q_len": 0, "kv_len": 0, "is_draft": 0, "tail_start": 0, "sel_slot": 0, "score_row": -1,
         "single_pos": 0, "single_slot": dummy_slot, "single_col": 0, "single_prob_slot": dummy_slot, "single_commit": 0,
@@ -61,7 +69,15 @@ class HostStep:
 def build_step(
     rows: list[Row], config: SparseSpecConfig, prompt_width: int, sel_width: int, with_scores: bool, dummy_slot: int
 ) -> HostStep:
-    """Describe one packed step. ``dummy_slot`` absorbs writes that have no real destination."""
+    """Describe one packed step. ``dummy_slot`` absorbs writes that have no real destination.
+
+    An early draft (``Row.early``) is placed at its request's last t0 position: the verification
+    still in flight commits 1 to ``round_len + 1`` tokens before it, and the device adds that count
+    (which it keeps per slot) to the row's positions, cache length and transformers-view length,
+    read through the ``early_*`` indices. Everything else about the row is known here: its input is
+    the t0 that verification samples, its tail starts at the old t0, its selection is the one that
+    verification makes.
+    """
     width = config.draft_len + 1
     count = len(rows)
     kind = np.empty(count, np.int64)
@@ -76,6 +92,8 @@ def build_step(
     round_len = np.zeros(count, np.int64)
     old_len = np.zeros(count, np.int64)
     plain = np.zeros(count, bool)  # verification rows of plain decoding: no scores, no selection
+    early = np.zeros(count, bool)
+    reach = np.zeros(count, np.int64)  # how far the device may still move the row
     prefill_ids = []
     for i, row in enumerate(rows):
         req = row.request
@@ -84,6 +102,9 @@ def build_step(
             kind[i], start[i] = PREFILL, req.prefilled
             prefill_ids.append((i, req.prompt[req.prefilled : req.prefilled + row.num_tokens]))
             needs[i] = req.prefilled + row.num_tokens == len(req.prompt)
+        elif row.early:
+            kind[i], start[i], tail[i], has_sel[i] = DRAFT, req.num_cached, req.num_cached, 1
+            early[i], reach[i] = True, req.round_len + 1
         elif row.kind is RowKind.DRAFT:
             kind[i], col[i], start[i] = DRAFT, req.drafted, req.num_cached + req.drafted
             has_sel[i] = req.has_selection
@@ -139,6 +160,8 @@ def build_step(
         "pos_slot": slot[pos_row],
         "pos_extra": pos_extra,
     }
+    early_row = np.where(early, slot, unshifted_slot(dummy_slot))
+    post["early_pos"] = early_row[pos_row]
     commit_single = single_rows[~single_is_draft]
     committing = np.concatenate([commit_single, verify_rows])
     inputs = {
@@ -154,13 +177,15 @@ def build_step(
         "tail_start": tail,
         "sel_slot": slot,
         "score_row": score_row,
+        "early_tok": early_row[token_row],
+        "early_row": early_row,
     }
     return HostStep(
         inputs=inputs,
         post=post,
         num_tokens=total,
         num_logits=len(logits_index),
-        max_kv_len=int((start + n).max()),
+        max_kv_len=int((start + n + reach).max()),
         has_prefill=bool((kind == PREFILL).any()),
         commit_rows=commit_single.tolist() + verify_rows.tolist(),
         commit_singles=np.nonzero(~single_is_draft)[0].tolist(),
