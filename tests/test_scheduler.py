@@ -177,41 +177,47 @@ def test_only_steps_of_sparse_drafts_are_marked_draft_only(monkeypatch):
         assert step.draft_only == (kinds == {RowKind.DRAFT} and sparse), (kinds, sparse)
 
 
-def test_early_drafts_change_no_draft_and_shorten_rounds(bench_model, bench_tokenizer, monkeypatch):
+@pytest.mark.parametrize("in_flight", [2, 3])
+def test_early_drafts_change_no_draft_and_shorten_rounds(bench_model, bench_tokenizer, monkeypatch, in_flight):
     # Lockstep rounds without a thin tail have the same rounds either way, so a draft launched
     # before its verification's result is read must be the draft launched after it: a misplaced
-    # one (wrong position, tail or selection) would change which drafts are accepted.
+    # one (wrong position, tail or selection) would change which drafts are accepted. With three
+    # iterations in flight (every result read as late as possible), a request runs two early drafts.
     from conftest import code_prompts
 
     text = code_prompts(bench_tokenizer, 200, 3)
     ids = torch.tensor([bench_tokenizer(t).input_ids[:200] for t in text])
-    early_rows = []
+    early_columns = []
     original_launch = engine_module.Engine._launch
 
     def launch(self, rows):
-        early_rows.extend(row for row in rows if row.early)
+        early_columns.extend(row.request.early_drafts for row in rows if row.early)
         return original_launch(self, rows)
 
     def generate(early: bool, **options):
         monkeypatch.setattr(engine_module.Engine, "EARLY_DRAFTS", early)
-        early_rows.clear()
+        early_columns.clear()
         out = bench_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=80, do_sample=False,
                                    eos_token_id=None, draft_len=6, min_budget=16, plain_tail=0.0,
                                    custom_generate=hf_sparsespec.generate, return_dict_in_generate=True, **options)
-        return out, len(early_rows)
+        return out, list(early_columns)
 
     monkeypatch.setattr(engine_module.Engine, "_launch", launch)
-    (late, none), (early, launched) = generate(False, unified_schedule=False), generate(True, unified_schedule=False)
+    monkeypatch.setattr(engine_module.Engine, "IN_FLIGHT", in_flight)
+    if in_flight > 2:
+        monkeypatch.setattr(engine_module.StepResults, "ready", lambda self: False)
+    (late, none), (early, columns) = generate(False, unified_schedule=False), generate(True, unified_schedule=False)
     torch.testing.assert_close(early.sequences, late.sequences, rtol=0, atol=0)
     late, early = late.spec_stats, early.spec_stats
     assert early["mean_accepted_per_sequence"] == late["mean_accepted_per_sequence"]
     assert early["num_draft_steps"] == late["num_draft_steps"] and early["num_verify_steps"] == late["num_verify_steps"]
     assert early["mean_accepted"] > 2  # real drafts were compared, not rejections alone
     # Every verification but those of the last few rounds (no room left for a round after it) was
-    # followed by an early draft.
-    assert none == 0 and late["num_verify_steps"] - 3 * 3 <= launched < late["num_verify_steps"]
-    # In the unified schedule the iteration a request sat out held other requests' rows: without
-    # it a round is one iteration shorter, so the same tokens take fewer forwards.
-    (late, _), (early, launched) = generate(False), generate(True)
+    # followed by in_flight - 1 early drafts.
+    assert not none and set(columns) == set(range(in_flight - 1))
+    assert late["num_verify_steps"] - 3 * 3 <= columns.count(0) < late["num_verify_steps"]
+    # In the unified schedule the iterations a request sat out held other requests' rows: without
+    # them a round is shorter, so the same tokens take fewer forwards.
+    (late, _), (early, columns) = generate(False), generate(True)
     torch.testing.assert_close(early.sequences, late.sequences, rtol=0, atol=0)
-    assert launched > 0 and early.spec_stats["num_forward_passes"] < 0.95 * late.spec_stats["num_forward_passes"]
+    assert columns and early.spec_stats["num_forward_passes"] < 0.95 * late.spec_stats["num_forward_passes"]

@@ -100,10 +100,11 @@ class Engine:
     """
 
     # Iterations queued on the device before the host waits for the oldest. With two, the host
-    # reads iteration N while N + 1 runs, and a request that verified in N runs only its early draft
-    # in N + 1 (below) and its other rows from N + 2; a third in flight would only pay off if the
-    # host's work per iteration exceeded the device's, and it delays every verified request's second
-    # draft by one more iteration.
+    # reads iteration N while N + 1 runs, and a request that verified in N runs an early draft in
+    # N + 1 (below) and its other rows from N + 2. With three it would run early drafts in N + 1 and
+    # N + 2: more slack for a host whose work per iteration varies, but on the H200 (bench model,
+    # 128 x 16k, one process: benchmarks/in_flight_ab.py) 42.5-42.9k tokens/s against 40.6-42.9k
+    # with two, no gain beyond the spread.
     IN_FLIGHT = 2
     # Whether a request runs its next round's first draft in the iteration it would otherwise sit
     # out waiting for its verification's result (the device knows where that draft goes; see
@@ -267,7 +268,7 @@ class Engine:
                 req.waiting = req.prefill_done
             elif row.kind is RowKind.DRAFT:
                 if row.early:
-                    req.early_draft, req.early_draft_ok = True, False
+                    req.early_drafts += 1
                 else:
                     req.drafted += 1
                 self.stats.num_draft_steps += 1
@@ -276,9 +277,11 @@ class Engine:
                 self.stats.num_plain_steps += req.plain
                 if self.config.speculate and not req.plain:
                     req.waiting = True
-                    # Room for a round of at least one draft even if every draft is accepted; an
-                    # early draft of a request that then stops (EOS, a criterion) is wasted, not wrong.
-                    req.early_draft_ok = self.EARLY_DRAFTS and req.remaining - req.round_len - 1 >= 2
+                    # As many early drafts as the next round has even if every draft is accepted
+                    # (room for remaining - 1 drafts after the commit); an early draft of a request
+                    # that then stops (EOS, a criterion) or turns plain is wasted, not wrong.
+                    room = min(self.config.draft_len, req.remaining - req.round_len - 2)
+                    req.early_room = max(room, 0) if self.EARLY_DRAFTS else 0
                 else:
                     # Plain decoding commits exactly one token per row, so the next row's position
                     # is known now and its input token is already on the device: no need to wait.
@@ -436,7 +439,7 @@ class Engine:
         for j, i in enumerate(results.commit_rows):
             row = results.rows[i]
             req = row.request
-            req.waiting = req.early_draft_ok = False
+            req.waiting, req.early_room = False, 0
             if req.finished:
                 continue
             m, tokens = host[results.result_rows[j]][0], host[results.result_rows[j]][1:]
@@ -464,7 +467,7 @@ class Engine:
                 req.num_cached += m + 1
                 req.has_selection = self.config.speculate
                 self.scheduler.start_round(req, first=False)
-                self.cache.truncate(req.index, req.kv_written)  # keeps an early draft's KV
+                self.cache.truncate(req.index, req.kv_written)  # keeps the early drafts' KV
 
     def _commit(self, req: Request, tokens: list[int], results: StepResults, j: int) -> list[int]:
         kept: list[int] = []

@@ -39,11 +39,11 @@ class Request:
     tail_start: int = 0  # drafts always see positions >= this
     has_selection: bool = False
     waiting: bool = False  # results of its last commit are still on their way to the host
-    # While its verification's result travels, the next round's first draft may run already (at a
-    # position the device resolves): set when the verification leaves room for another round, and
-    # `early_draft` once that draft has been launched.
-    early_draft_ok: bool = False
-    early_draft: bool = False
+    # While its verification's result travels, the next round's first drafts may run already (at
+    # positions the device resolves): `early_room` of them, as many as the next round surely has,
+    # of which `early_drafts` have been launched.
+    early_room: int = 0
+    early_drafts: int = 0
     # Plain decoding (speculate=False) does not wait: its next row reads the sampled token on the
     # device, and this counts the tokens sampled there that the host has not read yet.
     in_flight: int = 0

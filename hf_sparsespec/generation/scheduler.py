@@ -22,8 +22,9 @@ class Row:
     request: Request
     kind: RowKind
     num_tokens: int
-    # A round's first draft launched while the verification before it is still in flight: it sits
-    # after the 1 to round_len + 1 tokens that verification commits, a count only the device knows yet.
+    # One of a round's first drafts, launched while the verification before it is still in flight:
+    # it sits after the 1 to round_len + 1 tokens that verification commits, a count only the
+    # device knows yet.
     early: bool = False
 
 
@@ -74,10 +75,10 @@ class Scheduler:
             choices = sorted({longest - i * phases // groups for i in range(groups)}, reverse=True)
             load = Counter(r.round_len - r.drafted for r in self.active if r is not request and r.prefill_done)
             length = min(choices, key=lambda v: load[v])
-        # An early draft counts as the round's first; a round without drafts drops it (its KV sits at
-        # the position the round's row rewrites).
-        request.round_len, request.drafted = length, int(request.early_draft and length > 0)
-        request.early_draft = False
+        # Early drafts count as the round's first; those past a shorter round's end are dropped (their
+        # KV lies where the round's verification rewrites it, or past the cache's end).
+        request.round_len, request.drafted = length, min(request.early_drafts, length)
+        request.early_drafts = 0
 
     def _thin_tail(self) -> bool:
         """Whether so few requests are left that plain decoding beats speculation (``plain_tail``)."""
@@ -93,7 +94,7 @@ class Scheduler:
         # A plain-decoding request whose remaining tokens are all in flight has nothing left to run.
         ready = [
             r for r in self.active
-            if (not r.waiting or r.early_draft_ok) and r.offloaded is None and (r.in_flight == 0 or r.remaining > r.in_flight)
+            if (not r.waiting or r.early_drafts < r.early_room) and r.offloaded is None and (r.in_flight == 0 or r.remaining > r.in_flight)
         ]
         # New prompts go alone: a step of nothing but prompts' first chunks needs no cache reads and
         # runs through fused dense attention, many times faster than mixed with paged decode rows.
@@ -102,7 +103,8 @@ class Scheduler:
             if request.waiting:
                 # Pages up to the furthest position the draft can land on; the rest go back once the
                 # verification's result is read. Never worth offloading another request for.
-                if self._reserve(request, request.num_cached + request.round_len + 2, rows, may_offload=False):
+                furthest = request.num_cached + request.round_len + 2 + request.early_drafts
+                if self._reserve(request, furthest, rows, may_offload=False):
                     rows.append(Row(request, RowKind.DRAFT, 1, early=True))
                 continue
             kind, n = request.next_row()

@@ -71,12 +71,13 @@ def build_step(
 ) -> HostStep:
     """Describe one packed step. ``dummy_slot`` absorbs writes that have no real destination.
 
-    An early draft (``Row.early``) is placed at its request's last t0 position: the verification
-    still in flight commits 1 to ``round_len + 1`` tokens before it, and the device adds that count
-    (which it keeps per slot) to the row's positions, cache length and transformers-view length,
-    read through the ``early_*`` indices. Everything else about the row is known here: its input is
-    the t0 that verification samples, its tail starts at the old t0, its selection is the one that
-    verification makes.
+    An early draft (``Row.early``, the round's draft number ``c = early_drafts``) is placed ``c``
+    positions past its request's last t0: the verification still in flight commits 1 to
+    ``round_len + 1`` tokens before it, and the device adds that count (which it keeps per slot) to
+    the row's positions, cache length and transformers-view length, read through the ``early_*``
+    indices. Everything else about the row is known here: its input is the t0 that verification
+    samples (or the early draft before it), its tail starts at the old t0, its selection is the one
+    that verification makes.
     """
     width = config.draft_len + 1
     count = len(rows)
@@ -103,7 +104,8 @@ def build_step(
             prefill_ids.append((i, req.prompt[req.prefilled : req.prefilled + row.num_tokens]))
             needs[i] = req.prefilled + row.num_tokens == len(req.prompt)
         elif row.early:
-            kind[i], start[i], tail[i], has_sel[i] = DRAFT, req.num_cached, req.num_cached, 1
+            c = req.early_drafts
+            kind[i], col[i], start[i], tail[i], has_sel[i] = DRAFT, c, req.num_cached + c, req.num_cached, 1
             early[i], reach[i] = True, req.round_len + 1
         elif row.kind is RowKind.DRAFT:
             kind[i], col[i], start[i] = DRAFT, req.drafted, req.num_cached + req.drafted
