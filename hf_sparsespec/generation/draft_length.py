@@ -1,7 +1,7 @@
 """Adaptive draft length: each request drafts as many tokens per round as its recent acceptance pays for.
 
-A round of k drafts costs k draft rows plus its verification row; it yields ``1 + a + a^2 + ... + a^k`` tokens on average when each draft is
-accepted with probability ``a``. Maximising tokens per unit of cost gives long rounds to requests
+A round of k drafts costs k draft rows plus its verification row; it yields
+``1 + a + a^2 + ... + a^k`` tokens on average when each draft is accepted with probability ``a``. Maximising tokens per unit of cost gives long rounds to requests
 whose drafts are mostly right and short ones to the others. That matters most at the end of a
 batch: the requests with the lowest acceptance finish last, in iterations of few rows whose fixed
 cost no longer shrinks, so their wasted drafts set the batch's finishing time.

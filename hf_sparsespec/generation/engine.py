@@ -106,8 +106,8 @@ class Engine:
     # 128 x 16k, one process: benchmarks/in_flight_ab.py) 42.5-42.9k tokens/s against 40.6-42.9k
     # with two, no gain beyond the spread.
     IN_FLIGHT = 2
-    # Whether a request runs its next round's first draft in the iteration it would otherwise sit
-    # out waiting for its verification's result (the device knows where that draft goes; see
+    # Whether a request runs its next round's first drafts in the iterations it would otherwise sit
+    # out waiting for its verification's result (the device knows where they go; see
     # ``step_builder.build_step``): a round then takes draft_len + 1 iterations instead of + 2.
     EARLY_DRAFTS = True
 
@@ -124,7 +124,7 @@ class Engine:
             (num_slots + 1, cache.num_layers, cache.num_kv_heads, self.sel_width), -1, dtype=torch.int32, device=device
         )
         self.sel_count = torch.zeros(num_slots + 1, dtype=torch.int32, device=device)
-        # Tokens each slot's latest verification committed, for the early draft after it; one entry
+        # Tokens each slot's latest verification committed, for the early drafts after it; one entry
         # more stays 0 for every row the host places alone.
         self.commit_count = torch.zeros(unshifted_slot(num_slots) + 1, dtype=torch.long, device=device)
         self.num_slots = num_slots
