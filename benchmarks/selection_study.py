@@ -405,10 +405,13 @@ def main() -> None:
     ap.add_argument("--plain-tail", type=float, default=None,
                     help="the engine's plain_tail (default: the library's); 0 speculates to the end, as every screen "
                          "before 77e73b5 did")
+    ap.add_argument("--late-drafts", action="store_true",
+                    help="Engine.EARLY_DRAFTS = False: a verified request sits out the next iteration, as before session 13")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", default="cpu", help="cuda: bf16 and the Triton kernels, for many prompts at long contexts")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    engine_module.Engine.EARLY_DRAFTS = not args.late_drafts
     tok = AutoTokenizer.from_pretrained(BENCH_MODEL)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(BENCH_MODEL, dtype=dtype).to(args.device).eval()
@@ -427,7 +430,8 @@ def main() -> None:
                              args.new_tokens, seed, args.plain_tail)
         rows.append(dict(candidate=name, spec=grid[name], device=args.device, context=args.context, temperature=temperature, seed=seed,
                          draft_len=args.draft_len, budget_ratio=args.ratio, min_budget=args.min_budget,
-                         prompts=args.prompts, new_tokens=args.new_tokens, plain_tail=plain_tail, mean_accepted=accepted,
+                         prompts=args.prompts, new_tokens=args.new_tokens, plain_tail=plain_tail,
+                         early_drafts=engine_module.Engine.EARLY_DRAFTS, mean_accepted=accepted,
                          selection_mass=sum(mass) / len(mass) if mass else None, selection_mass_per_layer=mass))
         args.out.write_text(json.dumps(rows, indent=1))
         print(f"[{time.time() - started:5.0f}s] T={temperature} seed={seed} {name:28s} accepted {accepted:.2f} "

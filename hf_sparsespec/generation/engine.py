@@ -103,7 +103,7 @@ class Engine:
     # reads iteration N while N + 1 runs, and a request that verified in N runs an early draft in
     # N + 1 (below) and its other rows from N + 2. With three it would run early drafts in N + 1 and
     # N + 2: more slack for a host whose work per iteration varies, but on the H200 (bench model,
-    # 128 x 16k, one process: benchmarks/in_flight_ab.py) 42.5-42.9k tokens/s against 40.6-42.9k
+    # 128 x 16k, one process: benchmarks/one_process_ab.py) 42.5-42.9k tokens/s against 40.6-42.9k
     # with two, no gain beyond the spread.
     IN_FLIGHT = 2
     # Whether a request runs its next round's first drafts in the iterations it would otherwise sit
