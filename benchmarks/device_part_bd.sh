@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 14, call 1: bench-code-lm 128 x 16k in one process, alternating after a warm-up each:
+# Written in session 14, run in session 16 (calls 1 and 3, results/h200/session16/): bench-code-lm 128 x 16k in one process, alternating after a warm-up each:
 # sparsespec (pillar), sparsespec_block (pillar_block: block masses summed in the attention pass,
 # no score pass) and nospec, three rounds (rows are written as they finish; LIMIT=seconds cuts it short).
 export PYTHONPATH=. PYTHONUNBUFFERED=1
